@@ -1,0 +1,84 @@
+"""onnxcomp: compress any ONNX model with a verified pipeline of passes.
+
+>>> import onnxcomp
+>>> model, report = onnxcomp.optimize("model.onnx", passes="simplify,fold-bn", output="small.onnx")
+
+The Python API and the command line share one pipeline: passes given as a pipeline string
+(``"prune:sparsity=0.8,int8"``), as names, or as pass objects from :mod:`onnxcomp.passes`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnxcomp.data import Dataset, load_data
+from onnxcomp.errors import OnnxcompError, UsageError
+from onnxcomp.instrument import Tolerance
+from onnxcomp.io import external_files, load, save
+from onnxcomp.passes._base import CompressionPass
+from onnxcomp.pipeline import CheckMode, PipelineReport, run_pipeline
+
+__version__ = "0.1.0"
+__all__ = [
+    "Dataset",
+    "OnnxcompError",
+    "PipelineReport",
+    "Tolerance",
+    "UsageError",
+    "load",
+    "optimize",
+    "save",
+]
+
+
+def optimize(
+    model: ir.Model | str | os.PathLike,
+    passes: str | Sequence[str | CompressionPass],
+    *,
+    data: Dataset | str | os.PathLike | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    output: str | os.PathLike | None = None,
+    tolerance: Tolerance = Tolerance(),
+    check: CheckMode = "each",
+) -> tuple[ir.Model, PipelineReport]:
+    """Run ``passes`` and return the compressed model and the per-pass report.
+
+    ``model`` is a path or an onnx_ir model (which is left as it was: the passes work on a
+    copy). ``data`` is a Dataset or an ``.npz`` path; without it the numeric check uses random
+    inputs (dynamic dims from ``shapes``). With ``output``, the result is written atomically;
+    the input file is never overwritten.
+    """
+    input_path = file_bytes_before = None
+    if isinstance(model, ir.Model):
+        model = model.clone()
+    else:
+        input_path = Path(model)
+        if output is not None and _same_file(input_path, output):
+            raise UsageError(
+                f"refusing to overwrite the input model {input_path}; choose another -o"
+            )
+        model = load(input_path)
+        file_bytes_before = _file_bytes(input_path, model)
+    if data is not None and not isinstance(data, Dataset):
+        data = load_data(data, model)
+    report = run_pipeline(model, passes, data=data, shapes=shapes, tolerance=tolerance, check=check)
+    report.input_path = str(input_path) if input_path is not None else None
+    report.file_bytes_before = file_bytes_before
+    if output is not None:
+        protect = (input_path,) if input_path is not None else ()
+        report.file_bytes_after = save(model, output, protect=protect)
+        report.output_path = str(output)
+    return model, report
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _file_bytes(path: Path, model: ir.Model) -> int:
+    """The model file plus the external data files it reads from."""
+    return path.stat().st_size + sum(p.stat().st_size for p in external_files(model) if p.exists())

@@ -1,0 +1,5 @@
+"""``python -m onnxcomp`` is the ``onnxcomp`` command."""
+
+from onnxcomp.cli import main
+
+raise SystemExit(main())

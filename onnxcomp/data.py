@@ -1,0 +1,200 @@
+"""Real and random inputs for a model: the ``--data FILE.npz`` format and its checks.
+
+A data file holds one array per graph input, keyed by the input's name, first axis = samples,
+and optionally a ``labels`` array. Without a data file, :func:`random_inputs` makes inputs of
+the declared shapes, with dynamic dimensions filled in from ``--shape`` or a stated default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.errors import OnnxcompError, UsageError
+
+LABELS_KEY = "labels"
+DEFAULT_BATCH_DIM = 2
+DEFAULT_OTHER_DIM = 32
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Inputs keyed by graph-input name (first axis = samples) and optional labels."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+    description: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        return len(next(iter(self.inputs.values()))) if self.inputs else 0
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of at most ``batch_size`` samples, covering the first ``limit`` samples."""
+        total = self.num_samples if limit is None else min(limit, self.num_samples)
+        for start in range(0, total, batch_size):
+            stop = min(start + batch_size, total)
+            yield {name: array[start:stop] for name, array in self.inputs.items()}
+
+
+def graph_inputs(model: ir.Model) -> list[ir.Value]:
+    """Inputs a caller must feed (initializers listed as inputs are not among them)."""
+    return [v for v in model.graph.inputs if not v.is_initializer()]
+
+
+def load_data(path: str | os.PathLike, model: ir.Model) -> Dataset:
+    """Read an ``.npz`` data file and check it against the model's inputs."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no such data file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise OnnxcompError(f"{path} is not a readable .npz data file ({e})") from None
+    labels = arrays.pop(LABELS_KEY, None)
+    dataset = Dataset(inputs=arrays, labels=labels, description=f"--data {path.name}")
+    check_data(dataset, model, source=str(path))
+    return dataset
+
+
+def check_data(dataset: Dataset, model: ir.Model, *, source: str = "data") -> None:
+    """Check names, sample counts, ranks, static dims and dtypes; cast safe integer widenings."""
+    expected = {v.name: v for v in graph_inputs(model)}
+    missing = sorted(set(expected) - set(dataset.inputs))
+    extra = sorted(set(dataset.inputs) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra)}")
+        raise OnnxcompError(
+            f"{source} does not match the model's inputs ({'; '.join(parts)}); "
+            f"the model expects: {', '.join(expected)}"
+        )
+    counts = {name: len(a) if a.ndim else 0 for name, a in dataset.inputs.items()}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise OnnxcompError(
+            f"{source}: arrays must share a non-empty first (sample) axis: {counts}"
+        )
+    if dataset.labels is not None and len(dataset.labels) != dataset.num_samples:
+        raise OnnxcompError(f"{source}: labels has {len(dataset.labels)} rows, inputs have "
+                            f"{dataset.num_samples}")
+    for name, value in expected.items():
+        array = dataset.inputs[name]
+        shape = value.shape
+        if shape is not None:
+            if array.ndim != len(shape):
+                raise OnnxcompError(
+                    f"{source}: '{name}' has rank {array.ndim}, the model expects {len(shape)}"
+                )
+            for axis, (dim, got) in enumerate(zip(shape, array.shape, strict=True)):
+                if axis and isinstance(dim, int) and dim != got:
+                    raise OnnxcompError(
+                        f"{source}: '{name}' has size {got} on axis {axis}, the model expects {dim}"
+                    )
+        dtype = _numpy_dtype(value)
+        if dtype is not None and array.dtype != dtype:
+            if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+                raise OnnxcompError(
+                    f"{source}: '{name}' is {array.dtype}, the model expects {dtype}"
+                )
+            dataset.inputs[name] = array.astype(dtype)
+
+
+def parse_shapes(specs: list[str] | tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """Parse ``name=1x128`` shape overrides."""
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise UsageError(
+                f"bad --shape '{spec}': expected NAME=DIMxDIM, e.g. input_ids=1x128"
+            ) from None
+    return shapes
+
+
+def random_inputs(
+    model: ir.Model,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    seed: int = 0,
+) -> Dataset:
+    """One batch of random inputs of the declared shapes, with a description of what was chosen.
+
+    Dynamic dims come from ``shapes`` or default to 2 (batch axis) and 32 (other axes). Float
+    inputs are standard normal. Integer inputs that index a constant Gather table take values in
+    its range; inputs named like masks are all ones; other integers are 0 or 1.
+    """
+    shapes = dict(shapes or {})
+    known = {v.name for v in graph_inputs(model)}
+    unknown = sorted(set(shapes) - known)
+    if unknown:
+        raise UsageError(f"--shape names unknown inputs {', '.join(unknown)}; "
+                         f"inputs are: {', '.join(sorted(known))}")
+    rng = np.random.default_rng(seed)
+    inputs, chosen = {}, []
+    for value in graph_inputs(model):
+        shape = shapes.get(value.name) or _default_shape(value)
+        if value.shape is not None and len(shape) != len(value.shape):
+            raise UsageError(f"--shape {value.name} has rank {len(shape)}, "
+                             f"the model expects {len(value.shape)}")
+        chosen.append(f"{value.name}={'x'.join(map(str, shape)) or 'scalar'}")
+        dtype = _numpy_dtype(value) or np.dtype(np.float32)
+        inputs[value.name] = _random_array(value, shape, dtype, rng)
+    return Dataset(inputs=inputs, description="random inputs " + ", ".join(chosen))
+
+
+def _default_shape(value: ir.Value) -> tuple[int, ...]:
+    if value.shape is None:
+        return ()
+    return tuple(
+        dim if isinstance(dim, int) else (DEFAULT_BATCH_DIM if axis == 0 else DEFAULT_OTHER_DIM)
+        for axis, dim in enumerate(value.shape)
+    )
+
+
+def _random_array(value: ir.Value, shape: tuple[int, ...], dtype: np.dtype, rng) -> np.ndarray:
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        if "mask" in (value.name or "").lower():
+            return np.ones(shape, dtype=dtype)
+        return rng.integers(0, _index_bound(value), size=shape).astype(dtype)
+    if dtype.kind in "SUO":
+        return np.array(rng.choice(["a", "b"], size=shape), dtype=object)
+    return np.zeros(shape, dtype=dtype)
+
+
+def _index_bound(value: ir.Value) -> int:
+    """Rows of the smallest constant table this value indexes through Gather, else 2."""
+    bounds = []
+    for node, index in value.uses():
+        if node.op_type == "Gather" and index == 1 and node.inputs[0] is not None:
+            table = node.inputs[0].const_value
+            axis = node.attributes.get_int("axis", 0)
+            if table is not None and table.shape is not None:
+                bounds.append(int(table.shape[axis]))
+    return min(bounds) if bounds else 2
+
+
+def _numpy_dtype(value: ir.Value) -> np.dtype | None:
+    if value.dtype is None:
+        return None
+    try:
+        return np.dtype(value.dtype.numpy())
+    except (TypeError, ValueError, AttributeError):
+        return None

@@ -1,0 +1,150 @@
+"""Verification the pipeline runs around passes: the ONNX checker and numeric comparison.
+
+The numeric check runs the input model once (reference) and each result on the same inputs in
+ONNX Runtime, and reports per output: max abs error, cosine similarity, and non-finite values
+that were not in the reference. A lossless pass must stay within :class:`Tolerance`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+from onnxcomp import runtime
+from onnxcomp.data import Dataset
+
+NUMERIC_KINDS = "fciub"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Outputs match when max |new - ref| <= atol + rtol * max |ref| (integers: exactly)."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+    def __str__(self) -> str:
+        return f"|err| <= {self.atol:g} + {self.rtol:g}*max|ref|"
+
+
+@dataclasses.dataclass
+class OutputDiff:
+    """How one output of the compressed model differs from the reference."""
+
+    name: str
+    max_abs: float
+    cosine: float
+    ref_scale: float  # max |ref|
+    new_nonfinite: int  # NaN/Inf where the reference was finite
+    shape_mismatch: str | None = None
+    exact: bool = False  # integer, bool or string output: compared for equality
+
+    def within(self, tolerance: Tolerance) -> bool:
+        if self.shape_mismatch or self.new_nonfinite:
+            return False
+        if self.exact:
+            return self.max_abs == 0
+        return self.max_abs <= tolerance.atol + tolerance.rtol * self.ref_scale
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class Reference:
+    """The input model's outputs on fixed inputs, computed once and compared against later."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        inputs: Dataset,
+        *,
+        batch_size: int,
+        level: str = "basic",
+        limit: int | None = None,
+    ):
+        self.inputs = inputs
+        self.batch_size = batch_size
+        self.level = level
+        self.limit = limit
+        session = runtime.make_session(model, level=level)
+        self.names = runtime.output_names(session)
+        self.outputs = runtime.run_batches(session, self._batches())
+
+    def _batches(self):
+        return self.inputs.batches(self.batch_size, self.limit)
+
+    def compare(self, model: ir.Model) -> list[OutputDiff]:
+        session = runtime.make_session(model, level=self.level)
+        names = runtime.output_names(session)
+        if names != self.names:
+            raise ValueError(f"graph outputs changed from {self.names} to {names}")
+        outputs = runtime.run_batches(session, self._batches())
+        return [
+            compare_arrays(
+                name,
+                [batch[i] for batch in self.outputs],
+                [batch[i] for batch in outputs],
+            )
+            for i, name in enumerate(self.names)
+        ]
+
+
+def compare_arrays(name: str, refs: list[np.ndarray], news: list[np.ndarray]) -> OutputDiff:
+    """Compare one output across batches."""
+    for ref, new in zip(refs, news, strict=True):
+        if np.shape(ref) != np.shape(new):
+            return OutputDiff(name, float("inf"), 0.0, 0.0, 0,
+                              shape_mismatch=f"{np.shape(ref)} -> {np.shape(new)}")
+    ref = _flat(refs)
+    new = _flat(news)
+    if ref.dtype.kind not in NUMERIC_KINDS or new.dtype.kind not in NUMERIC_KINDS:
+        equal = ref.shape == new.shape and bool(np.all(ref == new))
+        return OutputDiff(name, 0.0 if equal else float("inf"), 1.0 if equal else 0.0, 0.0, 0,
+                          exact=True)
+    exact = ref.dtype.kind in "iub" and new.dtype.kind in "iub"
+    ref64 = ref.astype(np.complex128 if ref.dtype.kind == "c" else np.float64)
+    new64 = new.astype(ref64.dtype)
+    ref_finite = np.isfinite(ref64)
+    new_nonfinite = int(np.count_nonzero(ref_finite & ~np.isfinite(new64)))
+    # Where the reference is NaN/Inf the new model must match it exactly (same NaN, same Inf).
+    special_mismatch = np.count_nonzero(
+        ~ref_finite & ~((np.isnan(ref64) & np.isnan(new64)) | (ref64 == new64))
+    )
+    both = ref_finite & np.isfinite(new64)
+    diff = np.abs(ref64[both] - new64[both])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    if special_mismatch:
+        max_abs = float("inf")
+    scale = float(np.abs(ref64[ref_finite]).max()) if ref_finite.any() else 0.0
+    return OutputDiff(name, max_abs, _cosine(ref64[both], new64[both]), scale, new_nonfinite,
+                      exact=exact)
+
+
+def check_model(model: ir.Model, *, full: bool) -> str | None:
+    """Run ``onnx.checker`` (``full`` adds strict shape inference); the error text or None."""
+    try:
+        common_passes.CheckerPass(full_check=full)(model)
+    except Exception as e:
+        cause = e.__cause__ or e
+        text = str(cause).strip() or type(cause).__name__
+        return text.splitlines()[0][:400]
+    return None
+
+
+def _flat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(a).reshape(-1) for a in arrays]) if arrays else np.zeros(0)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size == 0:
+        return 1.0
+    a, b = np.real(a), np.real(b)
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))

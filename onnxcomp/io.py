@@ -1,0 +1,187 @@
+"""Reading and writing model files: the only module that touches model paths.
+
+Promises: the input is never modified; outputs appear atomically (written into a temporary
+folder beside the target, then renamed), so a failure leaves no partial file; a write that
+would land on a file the model is still reading weights from (its own external data) is
+refused; external data is used when the input had it or the weights pass ~1.5 GB, since a
+protobuf cannot exceed 2 GB.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from onnxcomp.errors import ModelLoadError, UsageError
+
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_500_000_000
+
+
+def load(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX file as an onnx_ir model, with a one-line error for anything that is not one.
+
+    Weights in external data stay on disk (memory-mapped) until something reads them.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"no such file: {path}")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory, not an ONNX model file")
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"cannot read {path}: permission denied")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path} is empty")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError, onnx may raise others
+        reason = _first_line(e)
+        raise ModelLoadError(f"{path} is not an ONNX model (cannot parse it: {reason})") from None
+    if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.graph.output:
+        raise ModelLoadError(f"{path} parses as protobuf but is not an ONNX model (no graph)")
+    _check_external_files(proto, path)
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path} is not a valid ONNX model: {_first_line(e)}") from None
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as e:
+        raise ModelLoadError(f"{path} cannot be read as an ONNX model: {_first_line(e)}") from None
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    return model
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protect: tuple[str | os.PathLike, ...] = (),
+) -> int:
+    """Write ``model`` to ``path`` atomically and return the bytes written (model + data file).
+
+    ``external_data=None`` chooses: external when any weight is external now or the weights
+    exceed :data:`EXTERNAL_DATA_THRESHOLD_BYTES`. ``protect`` lists files that must not be
+    written over (the input model); files the model's weights are read from are protected too.
+    """
+    path = Path(path)
+    target_dir = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"output {path} is a directory; give a file name")
+    if not target_dir.is_dir():
+        raise UsageError(f"output directory {target_dir} does not exist")
+    if not os.access(target_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {target_dir} is not writable")
+
+    if external_data is None:
+        external_data = (
+            has_external_tensors(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+        )
+    data_name = f"{path.name}.data"
+    written = [path] + ([target_dir / data_name] if external_data else [])
+    guarded = {_real(p) for p in protect} | {_real(p) for p in external_files(model)}
+    for target in written:
+        if _real(target) in guarded:
+            raise UsageError(f"refusing to overwrite {target}: the input model is read from it")
+
+    if not external_data and has_external_tensors(model):
+        # Inline the weights we are still reading from another file before it is left behind.
+        ir.external_data.load_to_model(model)
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=target_dir))
+    try:
+        ir.save(model, tmp_dir / path.name, external_data=data_name if external_data else None)
+        if external_data:
+            os.replace(tmp_dir / data_name, target_dir / data_name)
+        os.replace(tmp_dir / path.name, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return sum(p.stat().st_size for p in written)
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes held by initializers of the main graph and its subgraphs."""
+    return sum(
+        v.const_value.nbytes for v in iter_initializers(model) if v.const_value is not None
+    )
+
+
+def iter_initializers(model: ir.Model):
+    """Every initializer value in the model, subgraphs included."""
+    for graph in model.graphs():
+        yield from graph.initializers.values()
+
+
+def external_files(model: ir.Model) -> set[Path]:
+    """Files that weights of ``model`` are currently read from."""
+    files = set()
+    for value in iter_initializers(model):
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            files.add(Path(tensor.path))
+    return files
+
+
+def has_external_tensors(model: ir.Model) -> bool:
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in iter_initializers(model))
+
+
+def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
+    """Fail early, with the file name, when an external data file is missing or too short."""
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        data_path = path.parent / info.get("location", "")
+        if not data_path.is_file():
+            raise ModelLoadError(f"{path}: external data file {data_path} is missing")
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if data_path.stat().st_size < end:
+            raise ModelLoadError(f"{path}: external data file {data_path} is truncated")
+
+
+def _all_tensors(proto: onnx.ModelProto):
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+
+
+def _real(path: str | os.PathLike) -> str:
+    return os.path.realpath(path)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (a JSON report) atomically: temp file beside it, then rename."""
+    path = Path(path)
+    target_dir = path.parent if str(path.parent) else Path(".")
+    if not target_dir.is_dir():
+        raise UsageError(f"directory {target_dir} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=target_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; reports are not
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,23 @@
+"""onnxcomp's passes. Each module holds one technique; classes load on first access."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
+
+_LAZY = {
+    "SimplifyPass": "onnxcomp.passes.simplify",
+    "SimplifyOptions": "onnxcomp.passes.simplify",
+    "FoldBatchNormPass": "onnxcomp.passes.fold_bn",
+    "FoldBatchNormOptions": "onnxcomp.passes.fold_bn",
+}
+
+__all__ = ["CompressionPass", "CompressionResult", "PassOptions", "option", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'onnxcomp.passes' has no attribute '{name}'")

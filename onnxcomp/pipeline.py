@@ -1,0 +1,252 @@
+"""Parse a pipeline string, run its passes on one in-memory model, and keep a ledger.
+
+``"prune:sparsity=0.8,int4:block_size=32"``: passes are separated by commas, options follow
+the pass name after colons, list values are joined with ``+``. The pipeline (not the passes)
+times each pass, runs a cleanup tail (dead code, topological sort, unique names), the ONNX
+checker and a numeric comparison with the input model in ONNX Runtime. A pass that raises,
+breaks the checker, stops ONNX Runtime loading the model, or (if lossless) moves outputs past
+the tolerance fails the whole run with a :class:`PassFailedError`: nothing is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+from onnxcomp import registry
+from onnxcomp.analysis.summary import ModelSummary, summarize
+from onnxcomp.data import Dataset, random_inputs
+from onnxcomp.errors import OnnxcompError, PassFailedError, UsageError
+from onnxcomp.instrument import OutputDiff, Reference, Tolerance, check_model
+from onnxcomp.passes._base import CompressionPass, CompressionResult
+
+CheckMode = Literal["each", "final", "none"]
+DEFAULT_CHECK_SAMPLES = 32
+MAX_CHECK_BATCH = 16
+
+
+def parse_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
+    """``"a:k=v:k2=v2,b"`` -> ``[("a", {"k": "v", "k2": "v2"}), ("b", {})]``."""
+    steps = []
+    for chunk in text.split(","):
+        name, *assignments = chunk.strip().split(":")
+        if not name:
+            raise UsageError(f"empty pass name in pipeline '{text}'")
+        values: dict[str, str] = {}
+        for assignment in assignments:
+            key, sep, value = assignment.partition("=")
+            if not sep or not key:
+                raise UsageError(f"bad option '{assignment}' for pass '{name}': expected key=value")
+            values[key.strip()] = value.strip()
+        steps.append((name, values))
+    return steps
+
+
+def build_passes(
+    passes: str | Sequence[str | CompressionPass], *, data: Dataset | None = None
+) -> list[tuple[str, CompressionPass]]:
+    """Resolve a pipeline string or a list of names / pass objects into (label, pass) pairs."""
+    items: list[str | CompressionPass] = [passes] if isinstance(passes, str) else list(passes)
+    built: list[tuple[str, CompressionPass]] = []
+    for item in items:
+        if isinstance(item, CompressionPass):
+            if item.data is None:
+                item.data = data
+            built.append((_label(item), item))
+            continue
+        if not isinstance(item, str):
+            raise UsageError(f"not a pass: {item!r}")
+        for name, values in parse_pipeline(item):
+            built.append((name, registry.get(name).build(values, data=data)))
+    if not built:
+        raise UsageError("no passes given")
+    return built
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """Size and structure of the model at one point of the pipeline."""
+
+    params: int
+    weight_bytes: int
+    nodes: int
+    op_counts: dict[str, int]
+
+    @classmethod
+    def of(cls, summary: ModelSummary) -> Snapshot:
+        return cls(summary.params, summary.weight_bytes, summary.nodes, dict(summary.op_counts))
+
+
+@dataclasses.dataclass
+class PassRecord:
+    """One pass's line in the ledger."""
+
+    name: str
+    options: dict[str, Any]
+    seconds: float
+    modified: bool
+    stats: dict[str, Any]
+    notes: list[str]
+    after: Snapshot
+    check: list[OutputDiff] | None
+
+
+@dataclasses.dataclass
+class PipelineReport:
+    """What the pipeline did, pass by pass, and how the result compares with the input."""
+
+    pipeline: str
+    before: Snapshot
+    records: list[PassRecord]
+    check_inputs: str
+    tolerance: Tolerance
+    input_path: str | None = None
+    output_path: str | None = None
+    file_bytes_before: int | None = None
+    file_bytes_after: int | None = None
+
+    @property
+    def after(self) -> Snapshot:
+        return self.records[-1].after if self.records else self.before
+
+    @property
+    def final_check(self) -> list[OutputDiff] | None:
+        return self.records[-1].check if self.records else None
+
+    def op_changes(self) -> dict[str, tuple[int, int]]:
+        before, after = Counter(self.before.op_counts), Counter(self.after.op_counts)
+        return {
+            op: (before[op], after[op])
+            for op in sorted(set(before) | set(after))
+            if before[op] != after[op]
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def run_pipeline(
+    model: ir.Model,
+    passes: str | Sequence[str | CompressionPass],
+    *,
+    data: Dataset | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    tolerance: Tolerance = Tolerance(),
+    check: CheckMode = "each",
+    check_samples: int = DEFAULT_CHECK_SAMPLES,
+    level: str = "basic",
+) -> PipelineReport:
+    """Run ``passes`` on ``model`` in place and return the ledger; raises on any failed pass."""
+    steps = build_passes(passes, data=data)
+    before = Snapshot.of(summarize(model))
+    # Results are held to the strict checker only if the input passes it.
+    strict = check_model(model, full=True) is None
+    reference = None
+    description = "none (--check none)"
+    if check != "none":
+        inputs = data if data is not None else random_inputs(model, shapes)
+        description = inputs.description
+        if data is not None:
+            description += f" (first {min(check_samples, data.num_samples)} samples)"
+        try:
+            reference = Reference(
+                model,
+                inputs,
+                batch_size=_check_batch_size(model, inputs),
+                level=level,
+                limit=check_samples,
+            )
+        except OnnxcompError as e:
+            raise OnnxcompError(f"cannot run the input model for the numeric check: {e}") from None
+
+    records = []
+    for index, (label, compression_pass) in enumerate(steps):
+        is_last = index == len(steps) - 1
+        started = time.perf_counter()
+        result = _run_one(label, compression_pass, model)
+        _cleanup(model)
+        seconds = time.perf_counter() - started
+        problem = check_model(model, full=strict)
+        if problem:
+            raise PassFailedError(label, f"the result fails onnx.checker: {problem}")
+        diffs = None
+        if reference is not None and (check == "each" or is_last):
+            diffs = _compare(label, reference, model)
+            if compression_pass.lossless:
+                for diff in diffs:
+                    if not diff.within(tolerance):
+                        raise PassFailedError(
+                            label,
+                            f"lossless pass moved output '{diff.name}' beyond {tolerance} "
+                            f"(max abs err {diff.max_abs:.3g}, scale {diff.ref_scale:.3g})",
+                        )
+        records.append(
+            PassRecord(
+                name=label,
+                options=compression_pass.options.as_dict(),
+                seconds=seconds,
+                modified=result.modified,
+                stats=dict(result.stats),
+                notes=list(result.notes),
+                after=Snapshot.of(summarize(model, count_zeros=False)),
+                check=diffs,
+            )
+        )
+    pipeline = ",".join(label for label, _ in steps)
+    return PipelineReport(pipeline, before, records, description, tolerance)
+
+
+def _run_one(label: str, compression_pass: CompressionPass, model: ir.Model) -> CompressionResult:
+    try:
+        result = compression_pass(model)
+    except ir.passes.PreconditionError as e:
+        cause = e.__cause__ if isinstance(e.__cause__, OnnxcompError) else None
+        if cause is not None:
+            raise type(cause)(f"pass '{label}': {cause}") from None
+        raise PassFailedError(label, _one_line(e.__cause__ or e)) from e
+    except OnnxcompError as e:
+        raise type(e)(f"pass '{label}': {e}") from e
+    except Exception as e:
+        raise PassFailedError(label, _one_line(e)) from e
+    if not isinstance(result, CompressionResult):
+        result = CompressionResult(result.model, result.modified)
+    return result
+
+
+def _compare(label: str, reference: Reference, model: ir.Model) -> list[OutputDiff]:
+    try:
+        return reference.compare(model)
+    except (OnnxcompError, ValueError) as e:
+        raise PassFailedError(label, f"the result cannot be checked: {e}") from e
+
+
+def _cleanup(model: ir.Model) -> None:
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.TopologicalSortPass()(model)
+    common_passes.NameFixPass()(model)
+
+
+def _check_batch_size(model: ir.Model, inputs: Dataset) -> int:
+    """Static leading dims force that batch size; otherwise batch up to MAX_CHECK_BATCH."""
+    for value in model.graph.inputs:
+        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
+            return max(1, value.shape[0])
+    return min(MAX_CHECK_BATCH, max(1, inputs.num_samples))
+
+
+def _label(compression_pass: CompressionPass) -> str:
+    for name, spec in registry.PASSES.items():
+        if spec.target.endswith(":" + type(compression_pass).__name__) and not spec.presets:
+            return name
+    return type(compression_pass).__name__
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return f"{type(error).__name__}: {text.splitlines()[0][:400]}"

@@ -1,0 +1,64 @@
+"""Short pass names for the command line, mapped explicitly to pass classes and presets.
+
+Classes are imported only when a pass is built or described, so heavy dependencies (torch for
+distillation) load only when that pass runs. Adding a pass means adding one line here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from onnxcomp.errors import UsageError
+
+if TYPE_CHECKING:
+    from onnxcomp.data import Dataset
+    from onnxcomp.passes._base import CompressionPass, PassOptions
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSpec:
+    """A command-line name for a pass class, with option presets (e.g. ``int4`` = bits 4)."""
+
+    name: str
+    target: str  # "module:ClassName"
+    presets: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def load(self) -> type[CompressionPass]:
+        module, _, cls = self.target.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    @property
+    def summary(self) -> str:
+        return self.load().summary
+
+    def options_class(self) -> type[PassOptions]:
+        return self.load().options_class
+
+    def build(
+        self, values: Mapping[str, str] | None = None, *, data: Dataset | None = None
+    ) -> CompressionPass:
+        """The pass with presets, then ``values`` (option text from the command line), applied."""
+        cls = self.load()
+        options = cls.options_class.from_strings(
+            values or {}, pass_name=self.name, defaults=self.presets
+        )
+        return cls(options, data=data)
+
+
+PASSES: dict[str, PassSpec] = {
+    spec.name: spec
+    for spec in (
+        PassSpec("simplify", "onnxcomp.passes.simplify:SimplifyPass"),
+        PassSpec("fold-bn", "onnxcomp.passes.fold_bn:FoldBatchNormPass"),
+    )
+}
+
+
+def get(name: str) -> PassSpec:
+    try:
+        return PASSES[name]
+    except KeyError:
+        raise UsageError(f"unknown pass '{name}' (available: {', '.join(PASSES)})") from None
