@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnxcomp.data import Dataset, load_data
 from onnxcomp.errors import OnnxcompError, UsageError
 from onnxcomp.instrument import Tolerance
-from onnxcomp.io import external_files, load, save
+from onnxcomp.io import check_writable, external_files, load, save
 from onnxcomp.passes._base import CompressionPass
 from onnxcomp.pipeline import CheckMode, PipelineReport, run_pipeline
 
@@ -53,6 +53,9 @@ def optimize(
     the input file is never overwritten.
     """
     input_path = file_bytes_before = None
+    input_files: tuple[Path, ...] = ()
+    if output is not None:
+        check_writable(output)
     if isinstance(model, ir.Model):
         model = model.clone()
     else:
@@ -62,15 +65,17 @@ def optimize(
                 f"refusing to overwrite the input model {input_path}; choose another -o"
             )
         model = load(input_path)
-        file_bytes_before = _file_bytes(input_path, model)
+        input_files = (input_path, *external_files(model))
+        file_bytes_before = sum(p.stat().st_size for p in input_files if p.exists())
     if data is not None and not isinstance(data, Dataset):
         data = load_data(data, model)
     report = run_pipeline(model, passes, data=data, shapes=shapes, tolerance=tolerance, check=check)
     report.input_path = str(input_path) if input_path is not None else None
     report.file_bytes_before = file_bytes_before
     if output is not None:
-        protect = (input_path,) if input_path is not None else ()
-        report.file_bytes_after = save(model, output, protect=protect)
+        # Keep external data when the input had it, even if every weight was rewritten.
+        external = True if len(input_files) > 1 else None
+        report.file_bytes_after = save(model, output, external_data=external, protect=input_files)
         report.output_path = str(output)
     return model, report
 
@@ -78,7 +83,3 @@ def optimize(
 def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
-
-def _file_bytes(path: Path, model: ir.Model) -> int:
-    """The model file plus the external data files it reads from."""
-    return path.stat().st_size + sum(p.stat().st_size for p in external_files(model) if p.exists())

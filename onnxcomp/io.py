@@ -70,14 +70,7 @@ def save(
     written over (the input model); files the model's weights are read from are protected too.
     """
     path = Path(path)
-    target_dir = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise UsageError(f"output {path} is a directory; give a file name")
-    if not target_dir.is_dir():
-        raise UsageError(f"output directory {target_dir} does not exist")
-    if not os.access(target_dir, os.W_OK | os.X_OK):
-        raise UsageError(f"output directory {target_dir} is not writable")
-
+    target_dir = check_writable(path)
     if external_data is None:
         external_data = (
             has_external_tensors(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
@@ -93,15 +86,36 @@ def save(
         # Inline the weights we are still reading from another file before it is left behind.
         ir.external_data.load_to_model(model)
 
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=target_dir))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=target_dir))
+    except OSError as e:
+        raise UsageError(f"cannot write to {target_dir}: {e.strerror}") from None
     try:
         ir.save(model, tmp_dir / path.name, external_data=data_name if external_data else None)
         if external_data:
             os.replace(tmp_dir / data_name, target_dir / data_name)
         os.replace(tmp_dir / path.name, path)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return sum(p.stat().st_size for p in written)
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """The directory ``path`` will be written in, or a UsageError saying why it cannot be.
+
+    Called before any work starts, so a long run does not end on a bad ``-o``.
+    """
+    path = Path(path)
+    target_dir = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UsageError(f"output {path} is a directory; give a file name")
+    if not target_dir.is_dir():
+        raise UsageError(f"output directory {target_dir} does not exist")
+    if not os.access(target_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {target_dir} is not writable")
+    return target_dir
 
 
 def weight_bytes(model: ir.Model) -> int:

@@ -75,10 +75,14 @@ def _why_kept(node: ir.Node) -> str:
         return f"it follows {producer.op_type}, which has no weights to fold into"
     if len(producer.outputs[0].uses()) > 1:
         return f"the {producer.op_type} output is also used elsewhere"
-    return (
-        f"the {producer.op_type} weights are not constant, are shared, or the activation is "
-        "not rank 2"
-    )
+    weights = [v for v in producer.inputs[1:] if v is not None]
+    if any(v.const_value is None for v in weights):
+        return f"the {producer.op_type} weights are not constant"
+    if any(len(v.uses()) > 1 for v in weights):
+        return f"the {producer.op_type} weights are shared with another node"
+    if producer.op_type in {"MatMul", "Add"}:
+        return "the activation is not rank 2, so BN's channel axis is not MatMul's output axis"
+    return f"the {producer.op_type} node does not match a folding rule"
 
 
 def _bn_scale_shift(bn_node: ir.Node) -> tuple[np.ndarray, np.ndarray]:
