@@ -20,7 +20,7 @@ from onnxcomp.errors import OnnxcompError, UsageError
 from onnxcomp.instrument import Tolerance
 from onnxcomp.io import check_writable, external_files, load, save
 from onnxcomp.passes._base import CompressionPass
-from onnxcomp.pipeline import CheckMode, PipelineReport, run_pipeline
+from onnxcomp.pipeline import DEFAULT_CHECK_SAMPLES, CheckMode, PipelineReport, run_pipeline
 
 __version__ = "0.1.0"
 __all__ = [
@@ -44,6 +44,7 @@ def optimize(
     output: str | os.PathLike | None = None,
     tolerance: Tolerance = Tolerance(),
     check: CheckMode = "each",
+    check_samples: int = DEFAULT_CHECK_SAMPLES,
 ) -> tuple[ir.Model, PipelineReport]:
     """Run ``passes`` and return the compressed model and the per-pass report.
 
@@ -69,7 +70,15 @@ def optimize(
         file_bytes_before = sum(p.stat().st_size for p in input_files if p.exists())
     if data is not None and not isinstance(data, Dataset):
         data = load_data(data, model)
-    report = run_pipeline(model, passes, data=data, shapes=shapes, tolerance=tolerance, check=check)
+    report = run_pipeline(
+        model,
+        passes,
+        data=data,
+        shapes=shapes,
+        tolerance=tolerance,
+        check=check,
+        check_samples=check_samples,
+    )
     report.input_path = str(input_path) if input_path is not None else None
     report.file_bytes_before = file_bytes_before
     if output is not None:

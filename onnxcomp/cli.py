@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--check", choices=("each", "final", "none"), default="each",
                           help="numeric check against the input model after each pass (default), "
                           "after the last, or never")
+    optimize.add_argument("--check-samples", type=int, default=512,
+                          help="samples of --data the check runs on (default 512)")
     optimize.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance")
     optimize.add_argument("--rtol", type=float, default=1e-3,
                           help="tolerance relative to the largest reference output")
@@ -111,6 +113,7 @@ def _optimize(args: argparse.Namespace) -> int:
             output=args.output,
             tolerance=onnxcomp.Tolerance(args.atol, args.rtol),
             check=args.check,
+            check_samples=args.check_samples,
         )
     print_pipeline(report, console)
     console.print(f"wrote {args.output}", highlight=False)

@@ -72,17 +72,20 @@ class Reference:
         session = runtime.make_session(model, level=level)
         self.names = runtime.output_names(session)
         self.outputs = runtime.run_batches(session, self._batches())
+        self.labels = None if inputs.labels is None else inputs.labels[:limit]
+        self.accuracy = top1_accuracy(self.outputs, self.labels)
 
     def _batches(self):
         return self.inputs.batches(self.batch_size, self.limit)
 
-    def compare(self, model: ir.Model) -> list[OutputDiff]:
+    def compare(self, model: ir.Model) -> tuple[list[OutputDiff], float | None]:
+        """Per-output differences from the reference, and top-1 accuracy if there are labels."""
         session = runtime.make_session(model, level=self.level)
         names = runtime.output_names(session)
         if names != self.names:
             raise ValueError(f"graph outputs changed from {self.names} to {names}")
         outputs = runtime.run_batches(session, self._batches())
-        return [
+        diffs = [
             compare_arrays(
                 name,
                 [batch[i] for batch in self.outputs],
@@ -90,6 +93,21 @@ class Reference:
             )
             for i, name in enumerate(self.names)
         ]
+        return diffs, top1_accuracy(outputs, self.labels)
+
+
+def top1_accuracy(outputs: list[list[np.ndarray]], labels: np.ndarray | None) -> float | None:
+    """Share of samples whose first output's argmax is the label; None unless that output is
+    class scores, one row per sample ([N, classes])."""
+    if labels is None or not outputs:
+        return None
+    scores = [batch[0] for batch in outputs]
+    if any(np.ndim(s) != 2 for s in scores):
+        return None
+    predicted = np.concatenate([np.argmax(s, axis=1) for s in scores])
+    if predicted.shape != np.shape(labels):
+        return None
+    return float(np.mean(predicted == labels))
 
 
 def compare_arrays(name: str, refs: list[np.ndarray], news: list[np.ndarray]) -> OutputDiff:

@@ -27,7 +27,7 @@ from onnxcomp.instrument import OutputDiff, Reference, Tolerance, check_model
 from onnxcomp.passes._base import CompressionPass, CompressionResult
 
 CheckMode = Literal["each", "final", "none"]
-DEFAULT_CHECK_SAMPLES = 32
+DEFAULT_CHECK_SAMPLES = 512
 MAX_CHECK_BATCH = 16
 
 
@@ -95,6 +95,7 @@ class PassRecord:
     notes: list[str]
     after: Snapshot
     check: list[OutputDiff] | None
+    accuracy: float | None = None  # top-1 on the check data's labels, when it has them
 
 
 @dataclasses.dataclass
@@ -106,6 +107,7 @@ class PipelineReport:
     records: list[PassRecord]
     check_inputs: str
     tolerance: Tolerance
+    accuracy_before: float | None = None
     input_path: str | None = None
     output_path: str | None = None
     file_bytes_before: int | None = None
@@ -175,9 +177,9 @@ def run_pipeline(
         problem = check_model(model, full=strict)
         if problem:
             raise PassFailedError(label, f"the result fails onnx.checker: {problem}")
-        diffs = None
+        diffs = accuracy = None
         if reference is not None and (check == "each" or is_last):
-            diffs = _compare(label, reference, model)
+            diffs, accuracy = _compare(label, reference, model)
             if compression_pass.lossless:
                 for diff in diffs:
                     if not diff.within(tolerance):
@@ -196,10 +198,18 @@ def run_pipeline(
                 notes=list(result.notes),
                 after=Snapshot.of(summarize(model, count_zeros=False)),
                 check=diffs,
+                accuracy=accuracy,
             )
         )
     pipeline = ",".join(label for label, _ in steps)
-    return PipelineReport(pipeline, before, records, description, tolerance)
+    return PipelineReport(
+        pipeline,
+        before,
+        records,
+        description,
+        tolerance,
+        accuracy_before=reference.accuracy if reference is not None else None,
+    )
 
 
 def _run_one(label: str, compression_pass: CompressionPass, model: ir.Model) -> CompressionResult:
@@ -219,7 +229,9 @@ def _run_one(label: str, compression_pass: CompressionPass, model: ir.Model) -> 
     return result
 
 
-def _compare(label: str, reference: Reference, model: ir.Model) -> list[OutputDiff]:
+def _compare(
+    label: str, reference: Reference, model: ir.Model
+) -> tuple[list[OutputDiff], float | None]:
     try:
         return reference.compare(model)
     except (OnnxcompError, ValueError) as e:

@@ -33,6 +33,10 @@ def format_bytes(n: int | None) -> str:
     return str(n)
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
 def _ratio(before: float | None, after: float | None) -> str:
     if not before or after is None:
         return ""
@@ -51,6 +55,9 @@ def print_pipeline(report: PipelineReport, console: Console) -> None:
         ("parameters", before.params, after.params, lambda n: f"{n:,}"),
         ("nodes", before.nodes, after.nodes, lambda n: f"{n:,}"),
     ]
+    if report.accuracy_before is not None:
+        accuracy_after = report.records[-1].accuracy if report.records else None
+        rows.append(("accuracy (top-1)", report.accuracy_before, accuracy_after, _percent))
     for label, b, a, fmt in rows:
         summary.add_row(label, fmt(b), fmt(a), _ratio(b, a))
     for op, (b, a) in report.op_changes().items():
@@ -58,11 +65,15 @@ def print_pipeline(report: PipelineReport, console: Console) -> None:
     console.print(summary)
 
     passes = Table(title="passes", title_justify="left")
-    for column in ("pass", "seconds", "changed", "what it did", "nodes", "weight bytes",
-                   "max abs err", "min cosine"):
+    columns = ["pass", "seconds", "changed", "what it did", "nodes", "weight bytes",
+               "max abs err", "min cosine"]  # fmt: skip
+    if report.accuracy_before is not None:
+        columns.append("accuracy")
+    for column in columns:
         passes.add_column(column, justify="left" if column in ("pass", "what it did") else "right")
     for record in report.records:
         worst = _worst(record.check)
+        accuracy = [_percent(record.accuracy)] if report.accuracy_before is not None else []
         passes.add_row(
             record.name,
             f"{record.seconds:.2f}",
@@ -72,6 +83,7 @@ def print_pipeline(report: PipelineReport, console: Console) -> None:
             format_bytes(record.after.weight_bytes),
             worst[0],
             worst[1],
+            *accuracy,
         )
     console.print(passes)
 

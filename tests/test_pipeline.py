@@ -17,7 +17,7 @@ from onnxcomp.passes import CompressionPass, CompressionResult, PassOptions, opt
 from onnxcomp.passes._base import _parse_value
 from onnxcomp.pipeline import build_passes, parse_pipeline, run_pipeline
 from onnxcomp.report import to_json
-from tests.conftest import mlp_model
+from tests.conftest import mlp_model, run_onnx
 
 
 def test_parse_pipeline_splits_passes_and_options():
@@ -144,7 +144,8 @@ def test_numeric_check_uses_data_when_given(mlp_path: Path, tmp_path: Path):
     data = tmp_path / "data.npz"
     np.savez(data, x=np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32))
     _, report = onnxcomp.optimize(mlp_path, "simplify", data=data)
-    assert "--data data.npz (first 32 samples)" in report.check_inputs
+    assert "--data data.npz (first 40 samples)" in report.check_inputs
+    assert report.accuracy_before is None  # no labels
 
 
 def test_optimize_leaves_an_in_memory_model_untouched():
@@ -174,3 +175,14 @@ def test_model_written_by_optimize_loads_in_onnxruntime(mlp_path: Path, tmp_path
     onnx.checker.check_model(str(out), full_check=True)
     assert report.file_bytes_after == out.stat().st_size
     assert report.file_bytes_before == mlp_path.stat().st_size
+
+
+def test_accuracy_is_reported_when_the_data_has_labels(mlp_path: Path, tmp_path: Path):
+    x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
+    labels = np.argmax(run_onnx(mlp_path, {"x": x})[0], axis=1)
+    labels[:10] = (labels[:10] + 1) % 4  # 10 of 50 wrong
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x, labels=labels)
+    _, report = onnxcomp.optimize(mlp_path, "simplify", data=data)
+    assert report.accuracy_before == pytest.approx(0.8)
+    assert report.records[0].accuracy == pytest.approx(0.8)
