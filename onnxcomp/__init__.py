@@ -30,6 +30,7 @@ __all__ = [
     "Tolerance",
     "UsageError",
     "load",
+    "load_data",
     "optimize",
     "save",
 ]

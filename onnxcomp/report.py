@@ -88,8 +88,7 @@ def print_pipeline(report: PipelineReport, console: Console) -> None:
     console.print(passes)
 
     if report.final_check is not None:
-        check = Table(title=f"numeric check vs input model ({report.check_inputs})",
-                      title_justify="left")
+        check = Table(title="numeric check vs input model", title_justify="left")
         for column in ("output", "max abs err", "max |ref|", "cosine", "new NaN/Inf", "within"):
             check.add_column(column, justify="left" if column == "output" else "right")
         for diff in report.final_check:
@@ -102,7 +101,8 @@ def print_pipeline(report: PipelineReport, console: Console) -> None:
                 "yes" if diff.within(report.tolerance) else "no",
             )
         console.print(check)
-        console.print(f"tolerance: {report.tolerance}")
+        console.print(f"inputs: {report.check_inputs}; tolerance: {report.tolerance}",
+                      highlight=False)
     for record in report.records:
         for note in record.notes:
             console.print(f"note ({record.name}): {note}", highlight=False)

@@ -23,9 +23,13 @@ from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_gemm_rule,
 )
 
+from onnxcomp.errors import UnsupportedModelError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions
+from onnxcomp.passes.simplify import folding_hazard
 
 BN_EPSILON_DEFAULT = 1e-5
+# BatchNormalization-9 dropped the `spatial` attribute whose `0` value changes the math.
+BN_MIN_OPSET = 9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,15 +43,27 @@ class FoldBatchNormPass(CompressionPass):
     summary = "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul weights"
     options_class = FoldBatchNormOptions
     lossless = True
-    # BatchNormalization-9 dropped the `spatial` attribute whose `0` value changes the math.
-    min_opset = 9
+    # Only a model that has BatchNormalization nodes needs opset >= BN_MIN_OPSET (requires).
+    min_opset = 0
+
+    def requires(self, model: ir.Model) -> None:
+        super().requires(model)
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        if opset < BN_MIN_OPSET and _batchnorms(model):
+            raise UnsupportedModelError(
+                f"{type(self).__name__} needs opset >= {BN_MIN_OPSET} to fold "
+                f"BatchNormalization, the model has opset {opset}; upgrade it first "
+                "(e.g. onnx.version_converter)"
+            )
 
     def apply(self, model: ir.Model) -> CompressionResult:
         before = _batchnorms(model)
         if before:
             # The fusion rules need constant initializers: exporters hold weights in Constant
-            # nodes, or build a bias-less Conv's zero bias from Shape/Expand; fold those first.
-            onnxscript.optimizer.fold_constants(model)
+            # nodes, or build a bias-less Conv's zero bias from Shape/Expand; fold those first
+            # (unless folding is known to break this model, see simplify.folding_hazard).
+            if folding_hazard(model) is None:
+                onnxscript.optimizer.fold_constants(model)
             common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(
                 model
             )

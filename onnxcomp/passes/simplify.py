@@ -4,6 +4,9 @@ Constant folding, onnxscript's default rewrite rules (no-op removal, Conv/Gemm+B
 reshape and slice clean-ups), function inlining, dead code, identity elimination, common
 subexpressions, initializer deduplication, and weights held in ``Constant`` nodes lifted to
 initializers so every later pass sees them as weights. Outputs stay within fp32 rounding.
+
+Models on which onnxscript's constant folding is known to produce a wrong or invalid graph
+(see :func:`folding_hazard`) skip folding and rewriting, with a note saying why.
 """
 
 from __future__ import annotations
@@ -39,17 +42,27 @@ class SimplifyPass(CompressionPass):
     summary = "lossless clean-up: constant folding, dead code, CSE, dedup, lift Constant weights"
     options_class = SimplifyOptions
     lossless = True
+    # Any opset, including models that import only other domains (ai.onnx.ml).
+    min_opset = 0
 
     def apply(self, model: ir.Model) -> CompressionResult:
         options: SimplifyOptions = self.options  # type: ignore[assignment]
         before = _fingerprint(model)
         counts_before = _counts(model)
-        onnxscript.optimizer.optimize_ir(
-            model,
-            num_iterations=options.iterations,
-            input_size_limit=options.fold_limit,
-        )
-        common_passes.IdentityEliminationPass()(model)
+        hazard = folding_hazard(model)
+        if hazard is None:
+            # Identity nodes are removed by the folder, which keeps one where both ends are
+            # graph outputs; onnx_ir's IdentityEliminationPass would then list one value twice
+            # (a Scan body doing so makes ONNX Runtime return garbage), so it is not run.
+            onnxscript.optimizer.optimize_ir(
+                model,
+                num_iterations=options.iterations,
+                input_size_limit=options.fold_limit,
+            )
+        else:
+            common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(
+                model
+            )
         common_passes.DeduplicateHashedInitializersPass()(model)
         common_passes.RemoveUnusedNodesPass()(model)
         counts_after = _counts(model)
@@ -62,7 +75,43 @@ class SimplifyPass(CompressionPass):
             "batchnorms_fused": counts_before["BatchNormalization"]
             - counts_after["BatchNormalization"],
         }
-        return CompressionResult(model, _fingerprint(model) != before, stats=stats)
+        notes = [f"skipped constant folding and rewrite rules: {hazard}"] if hazard else []
+        return CompressionResult(model, _fingerprint(model) != before, stats=stats, notes=notes)
+
+
+def folding_hazard(model: ir.Model) -> str | None:
+    """Why onnxscript's constant folding would break ``model``, or None when it is safe.
+
+    Its SplitToSequence and ConcatFromSequence folding emits Split/Squeeze/Unsqueeze with
+    the opset-13 signatures (axes and split as inputs) and Split's opset-18 ``num_outputs``
+    whatever the model's opset, and raises on a SplitToSequence whose split is a non-constant
+    scalar. Its partial evaluators run before any ``should_fold`` hook, so they cannot be
+    turned off node by node.
+    """
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type == "ConcatFromSequence" and opset < 13:
+                return f"ConcatFromSequence in an opset-{opset} model (folding needs opset 13)"
+            if node.op_type == "SplitToSequence" and len(node.inputs) > 1:
+                split = node.inputs[1]
+                if split is None:
+                    continue
+                rank = _rank(split)
+                if rank != 1 and split.const_value is None:
+                    return "SplitToSequence with a split size that is not a constant"
+                if opset < 13 or (rank != 1 and opset < 18):
+                    return f"SplitToSequence in an opset-{opset} model (folding needs opset 18)"
+    return None
+
+
+def _rank(value: ir.Value) -> int | None:
+    if value.const_value is not None:
+        return len(value.const_value.shape)
+    return value.shape.rank() if value.shape is not None else None
 
 
 def _counts(model: ir.Model) -> Counter:
