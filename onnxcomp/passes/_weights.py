@@ -1,0 +1,191 @@
+"""Finding the weights a pass may rewrite, and rewiring their consumers: shared by all passes.
+
+A *weight* is a constant float initializer consumed as the weight input of a Conv,
+ConvTranspose, Gemm, MatMul or Gather (embedding table). One :class:`Weight` is returned per
+tensor, with every consumer, so a tensor shared by two nodes (tied embeddings, a reused
+projection) is rewritten once and both consumers are rewired. Anything that looks like a
+weight but is not returned comes back as a :class:`Skipped` with the reason, so passes can
+report it instead of skipping it silently. Run ``simplify`` (or lift Constant nodes) first
+for weights held in Constant nodes; :func:`lift_constant_weights` does that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Collection, Sequence
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+# op type -> input indices that carry weights
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1,),
+    "ConvTranspose": (1,),
+    "Gemm": (1,),
+    "MatMul": (1,),
+    "Gather": (0,),
+}
+DEFAULT_OPS = tuple(WEIGHT_INPUTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightUse:
+    """One consumer of a weight: the node, the input slot, and the weight's output-channel axis
+    as that node sees it (None when it has none, e.g. a 1-D MatMul weight)."""
+
+    node: ir.Node
+    index: int
+    channel_axis: int | None
+
+
+@dataclasses.dataclass
+class Weight:
+    """A constant float tensor and every node that reads it as a weight."""
+
+    value: ir.Value
+    uses: list[WeightUse]
+
+    @property
+    def name(self) -> str:
+        return self.value.name or ""
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.value.const_value.numpy()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.value.const_value.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.value.const_value.nbytes
+
+    @property
+    def op_types(self) -> set[str]:
+        return {use.node.op_type for use in self.uses}
+
+    @property
+    def channel_axis(self) -> int | None:
+        """The output-channel axis all consumers agree on, or None if they do not."""
+        axes = {use.channel_axis for use in self.uses}
+        return axes.pop() if len(axes) == 1 else None
+
+    def replace(self, new_value: ir.Value) -> None:
+        """Make every consumer read ``new_value`` instead of this weight."""
+        for use in self.uses:
+            use.node.replace_input_with(use.index, new_value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A weight-like tensor a pass was not given, and why."""
+
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"skipped {self.name}: {self.reason}"
+
+
+def find_weights(
+    model: ir.Model,
+    op_types: Collection[str] = DEFAULT_OPS,
+    *,
+    exclude: Sequence[str] = (),
+    min_size: int = 0,
+) -> tuple[list[Weight], list[Skipped]]:
+    """Weights of ``op_types`` consumers in the main graph, and what was skipped and why.
+
+    ``exclude`` holds fnmatch patterns matched against node names and weight names.
+    Weights inside If/Loop/Scan bodies are reported as skipped.
+    """
+    unknown = set(op_types) - set(WEIGHT_INPUTS)
+    if unknown:
+        raise ValueError(f"no weight inputs known for {sorted(unknown)}")
+    found: dict[ir.Value, list[WeightUse]] = {}
+    skipped: list[Skipped] = []
+    for node in model.graph:
+        for index in WEIGHT_INPUTS.get(node.op_type, ()):
+            if node.op_type not in op_types or index >= len(node.inputs):
+                continue
+            value = node.inputs[index]
+            if value is None or value.const_value is None or not value.is_initializer():
+                continue  # an activation, not a weight
+            found.setdefault(value, []).append(
+                WeightUse(node, index, _channel_axis(node, value.const_value))
+            )
+    weights = []
+    for value, uses in found.items():
+        reason = _skip_reason(value, uses, exclude, min_size)
+        if reason:
+            skipped.append(Skipped(value.name or "?", reason))
+        else:
+            weights.append(Weight(value, uses))
+    skipped.extend(_subgraph_weights(model, op_types))
+    return weights, skipped
+
+
+def lift_constant_weights(model: ir.Model) -> None:
+    """Turn weights held in Constant nodes into initializers, so :func:`find_weights` sees them."""
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+
+
+def matches(patterns: Sequence[str], *names: str | None) -> bool:
+    """Whether any name matches any fnmatch pattern."""
+    return any(name and fnmatch.fnmatchcase(name, p) for p in patterns for name in names)
+
+
+def _channel_axis(node: ir.Node, tensor: ir.TensorProtocol) -> int | None:
+    rank = len(tensor.shape)
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1 if rank > 1 else None
+    if node.op_type == "Gemm":
+        return 0 if node.attributes.get_int("transB", 0) else 1
+    if node.op_type == "MatMul":
+        return rank - 1 if rank >= 2 else None
+    if node.op_type == "Gather":
+        return 0 if node.attributes.get_int("axis", 0) == 0 and rank == 2 else None
+    return None
+
+
+def _skip_reason(
+    value: ir.Value, uses: list[WeightUse], exclude: Sequence[str], min_size: int
+) -> str | None:
+    tensor = value.const_value
+    if not tensor.dtype.is_floating_point():
+        return f"{tensor.dtype.name.lower()} tensor, not floating point"
+    if value.is_graph_input():
+        return "also a graph input, so a caller may override it"
+    if exclude and matches(exclude, value.name, *(u.node.name for u in uses)):
+        return "excluded by pattern"
+    size = int(np.prod(tensor.shape)) if tensor.shape else 1
+    if size < min_size:
+        return f"{size} elements, below min_size {min_size}"
+    other = [n for n, _ in value.uses() if all(n is not u.node for u in uses)]
+    if other:
+        ops = ", ".join(sorted({n.op_type for n in other}))
+        return f"also read by non-weight inputs ({ops})"
+    return None
+
+
+def _subgraph_weights(model: ir.Model, op_types: Collection[str]) -> list[Skipped]:
+    skipped = []
+    for graph in model.graphs():
+        if graph is model.graph:
+            continue
+        for node in graph:
+            for index in WEIGHT_INPUTS.get(node.op_type, ()):
+                if node.op_type in op_types and index < len(node.inputs):
+                    value = node.inputs[index]
+                    if value is not None and value.const_value is not None:
+                        skipped.append(Skipped(value.name or "?", "inside an If/Loop/Scan body"))
+    return skipped

@@ -1,0 +1,72 @@
+"""Weight finding shared by the passes: one Weight per tensor, every skip explained."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcomp.passes._weights import find_weights
+
+
+def _model() -> ir.Model:
+    f32 = np.float32
+    inits = [
+        numpy_helper.from_array(np.ones((4, 4), f32), "shared"),
+        numpy_helper.from_array(np.ones((3, 4), f32), "gemm_t"),
+        numpy_helper.from_array(np.ones((10, 4), f32), "table"),
+        numpy_helper.from_array(np.ones((4, 4), f32), "bias_like"),
+        numpy_helper.from_array(np.ones((4, 2), np.int32), "int_w"),
+        numpy_helper.from_array(np.ones((4, 4), f32), "skip_me"),
+        numpy_helper.from_array(np.ones((2,), f32), "tiny"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "shared"], ["a"], name="mm_a"),
+        helper.make_node("MatMul", ["a", "shared"], ["b"], name="mm_b"),
+        helper.make_node("Gemm", ["b", "gemm_t"], ["c"], name="gemm", transB=1),
+        helper.make_node("MatMul", ["b", "bias_like"], ["d"], name="mm_d"),
+        helper.make_node("Add", ["d", "bias_like"], ["d2"], name="add"),
+        helper.make_node("MatMul", ["d2", "skip_me"], ["f"], name="head"),
+        helper.make_node("MatMul", ["f", "tiny"], ["g"], name="vec"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("c", "g")],
+        inits,
+    )
+    return ir.serde.deserialize_model(helper.make_model(graph))
+
+
+def test_shared_weight_is_found_once_with_both_consumers():
+    weights, _ = find_weights(_model(), exclude=("head",), min_size=3)
+    by_name = {w.name: w for w in weights}
+    assert [u.node.name for u in by_name["shared"].uses] == ["mm_a", "mm_b"]
+    assert by_name["shared"].channel_axis == 1
+    assert by_name["gemm_t"].channel_axis == 0  # transB=1: [N, K]
+    assert by_name["table"].channel_axis == 0 and by_name["table"].op_types == {"Gather"}
+
+
+def test_every_skip_has_a_reason():
+    weights, skipped = find_weights(_model(), exclude=("head",), min_size=3)
+    assert sorted(w.name for w in weights) == ["gemm_t", "shared", "table"]
+    reasons = {s.name: s.reason for s in skipped}
+    assert reasons == {
+        "bias_like": "also read by non-weight inputs (Add)",
+        "skip_me": "excluded by pattern",
+        "tiny": "2 elements, below min_size 3",
+    }  # int_w is not consumed as a weight at all, so it is not weight-like
+
+
+def test_replace_rewires_every_consumer():
+    model = _model()
+    weights, _ = find_weights(model, op_types=("MatMul",))
+    shared = next(w for w in weights if w.name == "shared")
+    new = ir.Value(name="shared_q")
+    shared.replace(new)
+    assert [n.inputs[1].name for n in model.graph if n.name in ("mm_a", "mm_b")] == [
+        "shared_q",
+        "shared_q",
+    ]
