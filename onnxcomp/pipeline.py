@@ -165,7 +165,10 @@ def run_pipeline(
                 limit=check_samples,
             )
         except OnnxcompError as e:
-            raise OnnxcompError(f"cannot run the input model for the numeric check: {e}") from None
+            raise OnnxcompError(
+                f"cannot run the input model for the numeric check ({e}); "
+                "--check none skips the check"
+            ) from None
 
     records = []
     for index, (label, compression_pass) in enumerate(steps):
