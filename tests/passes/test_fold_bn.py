@@ -105,3 +105,18 @@ def test_opset_before_batchnorm_9_is_refused():
     with pytest.raises(Exception) as error:
         FoldBatchNormPass()(model)
     assert isinstance(error.value.__cause__, UnsupportedModelError)
+
+
+def test_old_opset_model_without_batchnorm_passes_through():
+    """Regression: fold-bn refused every opset < 9 model, even those with nothing to fold."""
+    graph = helper.make_graph(
+        [helper.make_node("And", ["a", "b"], ["y"])],
+        "and",
+        [helper.make_tensor_value_info(n, TensorProto.BOOL, [2]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.BOOL, [2])],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+    )
+    result = FoldBatchNormPass()(model)
+    assert not result.modified and result.stats["batchnorms_folded"] == 0

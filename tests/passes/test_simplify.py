@@ -37,3 +37,27 @@ def test_reports_batchnorms_fused_by_onnxscript_rules():
     result = SimplifyPass()(model)
     # onnxscript's rules fuse BN after Conv and Gemm; the MatMul+Add+BN is fold-bn's job
     assert result.stats["batchnorms_fused"] == 3
+
+
+def test_opset_12_concat_from_sequence_is_not_folded_into_opset_13_ops():
+    """Regression: onnxscript folds sequence ops into opset-13 Split/Unsqueeze forms whatever
+    the model's opset, which broke opset-12 models; simplify now skips folding and says so."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("SequenceConstruct", ["a", "b"], ["seq"]),
+            helper.make_node("ConcatFromSequence", ["seq"], ["y"], axis=0, new_axis=1),
+        ],
+        "seq",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model = ir.serde.deserialize_model(original)
+    result = SimplifyPass()(model)
+    assert result.notes and "ConcatFromSequence in an opset-12 model" in result.notes[0]
+    feeds = {"a": np.ones(3, np.float32), "b": np.zeros(3, np.float32)}
+    np.testing.assert_array_equal(
+        run_onnx(ir.serde.serialize_model(model), feeds)[0], run_onnx(original, feeds)[0]
+    )
