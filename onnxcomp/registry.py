@@ -53,6 +53,8 @@ PASSES: dict[str, PassSpec] = {
     for spec in (
         PassSpec("simplify", "onnxcomp.passes.simplify:SimplifyPass"),
         PassSpec("fold-bn", "onnxcomp.passes.fold_bn:FoldBatchNormPass"),
+        PassSpec("prune", "onnxcomp.passes.prune:MagnitudePrunePass"),
+        PassSpec("prune-nm", "onnxcomp.passes.prune:NMPrunePass"),
     )
 }
 

@@ -12,6 +12,10 @@ _LAZY = {
     "SimplifyOptions": "onnxcomp.passes.simplify",
     "FoldBatchNormPass": "onnxcomp.passes.fold_bn",
     "FoldBatchNormOptions": "onnxcomp.passes.fold_bn",
+    "MagnitudePrunePass": "onnxcomp.passes.prune",
+    "MagnitudePruneOptions": "onnxcomp.passes.prune",
+    "NMPrunePass": "onnxcomp.passes.prune",
+    "NMPruneOptions": "onnxcomp.passes.prune",
 }
 
 __all__ = ["CompressionPass", "CompressionResult", "PassOptions", "option", *_LAZY]

@@ -1,0 +1,338 @@
+"""Magnitude pruning: unstructured (``prune``) and N:M semi-structured (``prune-nm``).
+
+Both passes zero weights of Conv / Gemm / MatMul nodes (the op types are an option) and write
+the zeros exactly into new tensors; the graph is otherwise unchanged. The dense file keeps its
+size, so the stats also give the deflate size (zlib level 6, zip's default) of the rewritten
+tensors before and after: the part of a zipped download that pruning shrinks.
+
+- ``prune`` zeros the lowest-scoring ``sparsity`` share of each tensor (``scope=layer``) or of
+  all pruned tensors under one threshold (``scope=global``). The score is ``|w|``, or with
+  ``importance=entropy`` ``|w|`` times the normalised activation entropy of the weight's output
+  channel (see :func:`entropy_factors`), so weights of low-information channels go first.
+- ``prune-nm`` keeps the ``n`` largest ``|w|`` in every group of ``m`` consecutive weights along
+  the layer's reduction axis: Conv's input channels (for each output channel and kernel position,
+  as TensorRT and cuSPARSELt lay out sparse convolutions), Gemm's K (axis 1 with ``transB=1``,
+  else 0), MatMul's K (axis -2). A reduction length that is not a multiple of ``m`` leaves a
+  short last group, treated as zero-padded (see :mod:`onnxcomp.masks.nm`) and reported.
+
+The first layer (weight layers no other weight layer feeds) and the last layer (weight layers
+that feed no other) stay dense by default: they are small and the most sensitive. Outputs move;
+the pipeline's numeric check reports by how much (recovering accuracy is distillation's job).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp import masks
+from onnxcomp.errors import UsageError
+from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
+from onnxcomp.passes._weights import WEIGHT_INPUTS, Weight, WeightUse, find_weights
+
+if TYPE_CHECKING:
+    from onnxcomp.data import Dataset
+
+PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
+NM_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops with a reduction axis
+DEFAULT_PRUNE_OPS = ("Conv", "Gemm", "MatMul")
+ZIP_LEVEL = 6  # zip's and gzip's default deflate level
+
+
+@dataclasses.dataclass(frozen=True)
+class MagnitudePruneOptions(PassOptions):
+    """Options of ``prune``."""
+
+    sparsity: float = option(0.5, "share of weights set to zero, 0 <= sparsity < 1")
+    scope: Literal["layer", "global"] = option(
+        "layer", "layer: every tensor reaches the sparsity; global: one threshold over all"
+    )
+    exclude: tuple[str, ...] = option((), "fnmatch patterns of node or weight names left dense")
+    skip_first: bool = option(True, "leave the first layer (fed by no other weight layer) dense")
+    skip_last: bool = option(True, "leave the last layer (feeding no other weight layer) dense")
+    op_types: tuple[str, ...] = option(DEFAULT_PRUNE_OPS, "ops whose weights are pruned")
+    min_size: int = option(0, "leave tensors with fewer elements dense")
+    importance: Literal["magnitude", "entropy"] = option(
+        "magnitude", "score: |w|, or |w| x activation entropy of its output channel (needs --data)"
+    )
+    bins: int = option(32, "histogram bins per channel for importance=entropy")
+    samples: int = option(512, "samples of --data that importance=entropy runs")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise UsageError(f"prune:sparsity must be in [0, 1), got {self.sparsity}")
+        _check_ops(self.op_types, PRUNABLE_OPS, "prune")
+        if self.min_size < 0:
+            raise UsageError(f"prune:min_size must be >= 0, got {self.min_size}")
+        if self.bins < 2:
+            raise UsageError(f"prune:bins must be >= 2, got {self.bins}")
+        if self.samples < 1:
+            raise UsageError(f"prune:samples must be >= 1, got {self.samples}")
+
+
+@dataclasses.dataclass(frozen=True)
+class NMPruneOptions(PassOptions):
+    """Options of ``prune-nm``."""
+
+    n: int = option(2, "weights kept in every group of m")
+    m: int = option(4, "group size along the reduction axis")
+    exclude: tuple[str, ...] = option((), "fnmatch patterns of node or weight names left dense")
+    skip_first: bool = option(True, "leave the first layer (fed by no other weight layer) dense")
+    skip_last: bool = option(True, "leave the last layer (feeding no other weight layer) dense")
+    op_types: tuple[str, ...] = option(DEFAULT_PRUNE_OPS, "ops whose weights are pruned")
+    min_size: int = option(0, "leave tensors with fewer elements dense")
+
+    def validate(self) -> None:
+        if not 1 <= self.n < self.m:
+            raise UsageError(f"prune-nm needs 1 <= n < m, got n={self.n}, m={self.m}")
+        _check_ops(self.op_types, NM_OPS, "prune-nm")
+        if self.min_size < 0:
+            raise UsageError(f"prune-nm:min_size must be >= 0, got {self.min_size}")
+
+
+class MagnitudePrunePass(CompressionPass):
+    """Zero the lowest-magnitude weights to a target sparsity, per tensor or globally."""
+
+    summary = "zero the smallest Conv/Gemm/MatMul weights to a target sparsity (unstructured)"
+    options_class = MagnitudePruneOptions
+    options: MagnitudePruneOptions
+
+    def requires(self, model: ir.Model) -> None:
+        super().requires(model)
+        if self.options.importance == "entropy" and self.data is None:
+            raise UsageError(
+                "prune:importance=entropy ranks channels by their activations on real inputs: "
+                "pass --data FILE.npz"
+            )
+
+    def apply(self, model: ir.Model) -> CompressionResult:
+        o = self.options
+        weights, notes = select_weights(
+            model, o.op_types, exclude=o.exclude, min_size=o.min_size,
+            skip_first=o.skip_first, skip_last=o.skip_last,
+        )  # fmt: skip
+        scores = [np.abs(w.array.astype(np.float32)) for w in weights]
+        if o.importance == "entropy" and weights:
+            assert self.data is not None  # requires() checked
+            factors, entropy_notes = entropy_factors(
+                model, weights, self.data, bins=o.bins, samples=o.samples
+            )
+            notes += entropy_notes
+            scores = [s * f for s, f in zip(scores, factors, strict=True)]
+        if o.scope == "global":
+            keep = masks.global_magnitude_masks(scores, o.sparsity)
+        else:
+            keep = [masks.magnitude_mask(s, o.sparsity) for s in scores]
+        stats = {"target_sparsity": o.sparsity, "scope": o.scope}
+        if o.importance != "magnitude":
+            stats["importance"] = o.importance
+        return write_masks(model, weights, keep, notes, stats)
+
+
+class NMPrunePass(CompressionPass):
+    """Keep the n largest weights of every m along each layer's reduction axis (2:4 default)."""
+
+    summary = "N:M sparsity (default 2:4) along the reduction axis, for sparse tensor cores"
+    options_class = NMPruneOptions
+    options: NMPruneOptions
+
+    def apply(self, model: ir.Model) -> CompressionResult:
+        o = self.options
+        candidates, notes = select_weights(
+            model, o.op_types, exclude=o.exclude, min_size=o.min_size,
+            skip_first=o.skip_first, skip_last=o.skip_last,
+        )  # fmt: skip
+        weights, keep = [], []
+        for weight in candidates:
+            axes = {reduction_axis(use, len(weight.shape)) for use in weight.uses}
+            if len(axes) != 1 or None in axes:
+                notes.append(f"skipped {weight.name}: its consumers reduce over different axes")
+                continue
+            axis = axes.pop()
+            length = weight.shape[axis] if weight.shape else 1
+            if length % o.m:
+                notes.append(
+                    f"{weight.name}: reduction length {length} is not a multiple of {o.m}; "
+                    f"its short last groups keep min({o.n}, length)"
+                )
+            weights.append(weight)
+            keep.append(masks.nm_mask(np.abs(weight.array.astype(np.float32)), o.n, o.m, axis))
+        stats = {"pattern": f"{o.n}:{o.m}", "target_sparsity": 1 - o.n / o.m}
+        return write_masks(model, weights, keep, notes, stats)
+
+
+def reduction_axis(use: WeightUse, rank: int) -> int | None:
+    """The weight axis a consumer sums over (the axis N:M groups run along), or None."""
+    op = use.node.op_type
+    if op == "Conv" and rank >= 2:
+        return 1  # [O, I/g, k...]: input channels
+    if op == "ConvTranspose" and rank >= 2:
+        return 0  # [I, O/g, k...]
+    if op == "Gemm" and rank == 2:
+        return 1 if use.node.attributes.get_int("transB", 0) else 0
+    if op == "MatMul":
+        return rank - 2 if rank >= 2 else 0
+    return None
+
+
+def select_weights(
+    model: ir.Model,
+    op_types: Collection[str],
+    *,
+    exclude: Sequence[str] = (),
+    min_size: int = 0,
+    skip_first: bool = False,
+    skip_last: bool = False,
+) -> tuple[list[Weight], list[str]]:
+    """Weights a pruning pass may rewrite, and a note for each weight it may not."""
+    weights, skipped = find_weights(model, op_types, exclude=exclude, min_size=min_size)
+    notes = [str(s) for s in skipped]
+    first, last = boundary_layers(model, op_types)
+    selected = []
+    for weight in weights:
+        nodes = {use.node for use in weight.uses}
+        if skip_first and nodes & first:
+            notes.append(f"skipped {weight.name}: first layer (skip_first=true)")
+        elif skip_last and nodes & last:
+            notes.append(f"skipped {weight.name}: last layer (skip_last=true)")
+        else:
+            selected.append(weight)
+    return selected, notes
+
+
+def boundary_layers(
+    model: ir.Model, op_types: Collection[str]
+) -> tuple[set[ir.Node], set[ir.Node]]:
+    """The first layer (weight layers no other weight layer feeds) and the last (weight layers
+    that feed no other), over main-graph nodes of ``op_types`` with a constant weight.
+
+    Relies on the graph's node order being topological, as ONNX requires and the pipeline keeps.
+    """
+    nodes = list(model.graph)
+    layers = {node for node in nodes if _has_constant_weight(node, op_types)}
+    first: set[ir.Node] = set()
+    fed: set[ir.Value] = set()  # values computed from some layer's output
+    for node in nodes:
+        upstream = any(v in fed for v in node.inputs if v is not None)
+        if node in layers and not upstream:
+            first.add(node)
+        if upstream or node in layers:
+            fed.update(node.outputs)
+    last: set[ir.Node] = set()
+    feeding: set[ir.Value] = set()  # values some layer reads, directly or not
+    for node in reversed(nodes):
+        downstream = any(v in feeding for v in node.outputs)
+        if node in layers and not downstream:
+            last.add(node)
+        if downstream or node in layers:
+            feeding.update(v for v in node.inputs if v is not None)
+    return first, last
+
+
+def write_masks(
+    model: ir.Model,
+    weights: Sequence[Weight],
+    keep: Sequence[np.ndarray],
+    notes: list[str],
+    stats: dict,
+) -> CompressionResult:
+    """Zero each weight where its mask is False, in a new tensor, and report what changed."""
+    per_tensor: dict[str, float] = {}
+    zeros = total = rewritten = dense_bytes = zip_before = zip_after = 0
+    for weight, mask in zip(weights, keep, strict=True):
+        array = weight.array
+        pruned = np.where(mask, array, np.zeros((), array.dtype))
+        tensor_zeros = int(pruned.size - np.count_nonzero(pruned))
+        per_tensor[weight.name] = round(tensor_zeros / max(pruned.size, 1), 4)
+        zeros += tensor_zeros
+        total += pruned.size
+        if tensor_zeros == pruned.size:
+            notes.append(f"{weight.name}: every weight is zero; its layer now outputs its bias")
+        if tensor_zeros == int(array.size - np.count_nonzero(array)):
+            continue  # nothing new to zero
+        zip_before += _deflated(weight.value.const_value.tobytes())
+        # A new tensor, never a write into the old one: loaded tensors are read-only file views.
+        weight.value.const_value = ir.tensor(pruned, name=weight.name)
+        zip_after += _deflated(weight.value.const_value.tobytes())
+        dense_bytes += weight.value.const_value.nbytes
+        rewritten += 1
+    stats = {
+        **stats,
+        "tensors": rewritten,
+        "sparsity": round(zeros / total, 4) if total else 0.0,
+        "per_tensor": per_tensor,
+        "dense_bytes": dense_bytes,
+        "zip_bytes_before": zip_before,
+        "zip_bytes_after": zip_after,
+    }
+    if not weights:
+        notes.append("no weights to prune")
+    return CompressionResult(model, rewritten > 0, stats=stats, notes=notes)
+
+
+def entropy_factors(
+    model: ir.Model, weights: Sequence[Weight], data: Dataset, *, bins: int, samples: int
+) -> tuple[list[np.ndarray], list[str]]:
+    """Per-weight multipliers for ``|w|``: each output channel's activation entropy divided by
+    the largest entropy among the tensor's channels, broadcast along its channel axis.
+
+    A channel whose activation never varies (entropy 0) gets 0, so its weights are pruned first;
+    the tensor's most informative channel keeps its plain magnitudes. Entropies come from
+    :func:`onnxcomp.analysis.importance.channel_entropy` at each consumer's output (followed
+    through per-channel ops such as BatchNormalization and Relu); shared weights average theirs.
+    """
+    from onnxcomp.analysis.importance import channel_entropy, probe_point
+
+    points = {}
+    for weight in weights:
+        for use in weight.uses:
+            points[use.node] = probe_point(use.node)
+    entropies = channel_entropy(
+        model, data, {v.name: axis for v, axis in points.values()}, bins=bins, samples=samples
+    )
+    factors, notes = [], []
+    for weight in weights:
+        axis = weight.channel_axis
+        channels = weight.shape[axis] if axis is not None else None
+        per_use = [entropies.get(points[use.node][0].name) for use in weight.uses]
+        usable = [e for e in per_use if e is not None and len(e) == channels]
+        if axis is None or not usable or len(usable) != len(per_use):
+            notes.append(f"{weight.name}: no per-channel activation entropy; ranked by |w| alone")
+            factors.append(np.ones((), np.float32))
+            continue
+        entropy = np.mean(usable, axis=0)
+        peak = float(entropy.max())
+        factor = entropy / peak if peak > 0 else np.ones_like(entropy)
+        shape = [1] * len(weight.shape)
+        shape[axis] = channels
+        factors.append(factor.reshape(shape).astype(np.float32))
+    return factors, notes
+
+
+def _deflated(data: bytes) -> int:
+    return len(zlib.compress(data, ZIP_LEVEL))
+
+
+def _has_constant_weight(node: ir.Node, op_types: Collection[str]) -> bool:
+    if node.op_type not in op_types:
+        return False
+    for index in WEIGHT_INPUTS.get(node.op_type, ()):
+        if index < len(node.inputs):
+            value = node.inputs[index]
+            if value is not None and value.const_value is not None:
+                return True
+    return False
+
+
+def _check_ops(op_types: Sequence[str], valid: Sequence[str], pass_name: str) -> None:
+    unknown = [op for op in op_types if op not in valid]
+    if unknown or not op_types:
+        raise UsageError(
+            f"{pass_name}:op_types {'+'.join(unknown) or '(empty)'} not supported "
+            f"(choose from {'+'.join(valid)})"
+        )
