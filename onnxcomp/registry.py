@@ -55,6 +55,18 @@ PASSES: dict[str, PassSpec] = {
         PassSpec("fold-bn", "onnxcomp.passes.fold_bn:FoldBatchNormPass"),
         PassSpec("prune", "onnxcomp.passes.prune:MagnitudePrunePass"),
         PassSpec("prune-nm", "onnxcomp.passes.prune:NMPrunePass"),
+        PassSpec("int8", "onnxcomp.passes.quantize:WeightQuantizePass", {"bits": 8}),
+        PassSpec(
+            "int4", "onnxcomp.passes.quantize:WeightQuantizePass", {"bits": 4, "block_size": 32}
+        ),
+        PassSpec(
+            "ternary",
+            "onnxcomp.passes.quantize:WeightQuantizePass",
+            {"bits": 2, "scheme": "ternary"},
+        ),
+        PassSpec(
+            "binary", "onnxcomp.passes.quantize:WeightQuantizePass", {"bits": 2, "scheme": "binary"}
+        ),
     )
 }
 

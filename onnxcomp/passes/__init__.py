@@ -16,6 +16,8 @@ _LAZY = {
     "MagnitudePruneOptions": "onnxcomp.passes.prune",
     "NMPrunePass": "onnxcomp.passes.prune",
     "NMPruneOptions": "onnxcomp.passes.prune",
+    "WeightQuantizePass": "onnxcomp.passes.quantize",
+    "WeightQuantizeOptions": "onnxcomp.passes.quantize",
 }
 
 __all__ = ["CompressionPass", "CompressionResult", "PassOptions", "option", *_LAZY]

@@ -1,0 +1,99 @@
+"""Building quantised weights in the graph: integer initializers in ONNX's own dtypes (INT4 and
+INT2 packed two and four to a byte), their scale and zero point, and the DequantizeLinear node
+that turns them back into the float weight. Shared by the quantisation passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.quant import pack
+
+INTEGER_TYPES = {8: ir.DataType.INT8, 4: ir.DataType.INT4, 2: ir.DataType.INT2}
+LOW_BIT_TYPES = frozenset(
+    {
+        ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4,
+        ir.DataType.INT2, ir.DataType.UINT2, ir.DataType.INT16, ir.DataType.UINT16,
+        ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2,
+        ir.DataType.FLOAT8E5M2FNUZ, ir.DataType.FLOAT4E2M1,
+    }
+)  # fmt: skip
+
+
+def integer_tensor(codes: np.ndarray, bits: int, name: str) -> ir.TensorProtocol:
+    """``codes`` (signed integers) as an INT8, or packed INT4 / INT2, tensor."""
+    dtype = INTEGER_TYPES[bits]
+    if bits == 8:
+        return ir.tensor(np.asarray(codes, dtype=np.int8), dtype=dtype, name=name)
+    return ir.PackedTensor(pack(codes, bits), dtype, shape=ir.Shape(np.shape(codes)), name=name)
+
+
+def add_dequantized_weight(
+    graph: ir.Graph,
+    name: str,
+    codes: np.ndarray,
+    bits: int,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+    *,
+    axis: int | None,
+    block_size: int = 0,
+) -> tuple[ir.Value, int]:
+    """Add ``DequantizeLinear(codes, scale[, zero_point])`` for weight ``name`` to ``graph``.
+
+    Returns the node's output (the weight's float value, in the scale's dtype) and the bytes
+    the new initializers take. The node is appended: sort the graph afterwards.
+    """
+    inputs = [
+        _initializer(graph, f"{name}_quantized", integer_tensor(codes, bits, "")),
+        _initializer(graph, f"{name}_scale", ir.tensor(scale)),
+    ]
+    if zero_point is not None:
+        inputs.append(
+            _initializer(graph, f"{name}_zero_point", integer_tensor(zero_point, bits, ""))
+        )
+    attributes: dict[str, int] = {}
+    if axis is not None:
+        attributes["axis"] = axis
+    if block_size:
+        attributes["block_size"] = block_size
+    node = ir.node("DequantizeLinear", inputs, attributes, name=f"{name}_dequantize")
+    output = node.outputs[0]
+    output.name = f"{name}_dequantized"
+    output.dtype = ir.DataType.from_numpy(np.asarray(scale).dtype)
+    output.shape = ir.Shape(np.shape(codes))
+    graph.append(node)
+    return output, sum(v.const_value.nbytes for v in inputs)  # type: ignore[union-attr]
+
+
+def quantized_weight_count(model: ir.Model) -> int:
+    """DequantizeLinear nodes (any graph) reading a low-bit constant: weights already quantised."""
+    count = 0
+    for graph in model.graphs():
+        for node in graph:
+            if node.op_type == "DequantizeLinear" and node.inputs and node.inputs[0] is not None:
+                tensor = node.inputs[0].const_value
+                if tensor is not None and tensor.dtype in LOW_BIT_TYPES:
+                    count += 1
+    return count
+
+
+def _initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    name = _unique_name(graph, name)
+    tensor.name = name
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(tensor.shape),
+        type=ir.TensorType(tensor.dtype),
+        const_value=tensor,
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def _unique_name(graph: ir.Graph, name: str) -> str:
+    taken = graph.initializers
+    candidate, index = name, 1
+    while candidate in taken:
+        candidate, index = f"{name}_{index}", index + 1
+    return candidate

@@ -1,0 +1,140 @@
+"""Linear (affine) quantisation: ``q = saturate(round(w / s) + z)``, ``w' = (q - z) * s``.
+
+Symmetric quantisation uses the narrow range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` with ``z = 0`` and
+``s = max|w| / qmax``; affine quantisation uses the full signed range and a range that always
+includes 0, so ``z`` is a representable integer. Either way every element comes back within
+``s / 2`` of where it started (``|w - w'| <= s / 2``), with ``s`` the scale as stored in the
+scale dtype (rounded up when cast, so the bound holds for the stored scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_dtypes
+import numpy as np
+
+Reducer = Callable[..., np.ndarray]
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Signed integer range used for ``bits``-bit codes (narrow when symmetric)."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, not {bits}")
+    high = 2 ** (bits - 1) - 1
+    return (-high if symmetric else -high - 1), high
+
+
+def param_shape(shape: tuple[int, ...], axis: int | None, block_size: int) -> tuple[int, ...]:
+    """Shape of the scale (and zero point) DequantizeLinear expects for this layout."""
+    if axis is None:
+        return ()
+    if block_size == 0:
+        return (shape[axis],)
+    blocked = list(shape)
+    blocked[axis] = -(-shape[axis] // block_size)
+    return tuple(blocked)
+
+
+def reduce_groups(w: np.ndarray, axis: int | None, block_size: int, reducer: Reducer) -> np.ndarray:
+    """Apply ``reducer(groups, axis=-1)`` to each group of elements sharing one parameter.
+
+    Returns an array of :func:`param_shape`. A last partial block is padded with NaN, so
+    ``reducer`` must ignore NaN (``np.nanmax``, ``np.nanmean``, ...). Works in float64.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    if axis is None:
+        return np.asarray(reducer(w.reshape(1, -1), axis=-1)).reshape(())
+    if block_size == 0:
+        return reducer(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), axis=-1)
+    blocks = -(-w.shape[axis] // block_size)
+    padding = [(0, 0)] * w.ndim
+    padding[axis] = (0, blocks * block_size - w.shape[axis])
+    padded = np.pad(w, padding, constant_values=np.nan)
+    split = padded.reshape((*w.shape[:axis], blocks, block_size, *w.shape[axis + 1 :]))
+    return reducer(np.moveaxis(split, axis + 1, -1), axis=-1)
+
+
+def expand(
+    param: np.ndarray, shape: tuple[int, ...], axis: int | None, block_size: int
+) -> np.ndarray:
+    """Broadcast a per-tensor / per-channel / per-block parameter to the full ``shape``."""
+    param = np.asarray(param)
+    if axis is None:
+        return np.broadcast_to(param, shape)
+    if block_size == 0:
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        return np.broadcast_to(param.reshape(view), shape)
+    return np.repeat(param, block_size, axis=axis).take(np.arange(shape[axis]), axis=axis)
+
+
+def store_scale(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast float64 scales to ``dtype``, never rounding one down (so error bounds hold) and
+    never leaving a zero (an all-zero group gets scale 1; it quantises to zeros anyway)."""
+    scale = np.asarray(scale, dtype=np.float64)
+    info = ml_dtypes.finfo(dtype)
+    safe = np.where(scale > 0, np.maximum(scale, float(info.tiny)), 1.0)
+    stored = safe.astype(dtype)
+    low = stored.astype(np.float64) < safe
+    if np.any(low):
+        bumped = (safe * (1 + 2 * float(info.eps))).astype(dtype)
+        stored = np.where(low, bumped, stored).astype(dtype)
+    return stored
+
+
+def linear_params(
+    w: np.ndarray,
+    bits: int,
+    *,
+    axis: int | None,
+    block_size: int = 0,
+    symmetric: bool = True,
+    dtype: np.dtype | type = np.float32,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scale (in ``dtype``) and zero point (int8, or None when symmetric) for ``w``."""
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        amax = reduce_groups(w, axis, block_size, lambda g, axis: np.nanmax(np.abs(g), axis=axis))
+        return store_scale(amax / qmax, np.dtype(dtype)), None
+    low = np.minimum(reduce_groups(w, axis, block_size, np.nanmin), 0.0)
+    high = np.maximum(reduce_groups(w, axis, block_size, np.nanmax), 0.0)
+    scale = store_scale((high - low) / (qmax - qmin), np.dtype(dtype))
+    zero_point = np.clip(np.rint(qmin - low / scale.astype(np.float64)), qmin, qmax)
+    return scale, zero_point.astype(np.int8)
+
+
+def quantize(
+    w: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+    bits: int,
+    *,
+    axis: int | None,
+    block_size: int = 0,
+) -> np.ndarray:
+    """Integer codes (int8 array) of ``w``; narrow range when ``zero_point`` is None."""
+    qmin, qmax = qrange(bits, symmetric=zero_point is None)
+    shape = np.shape(w)
+    s = expand(np.asarray(scale, dtype=np.float64), shape, axis, block_size)
+    q = np.rint(np.asarray(w, dtype=np.float64) / s)
+    if zero_point is not None:
+        q = q + expand(zero_point.astype(np.float64), shape, axis, block_size)
+    return np.clip(q, qmin, qmax).astype(np.int8)
+
+
+def dequantize(
+    q: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+    *,
+    axis: int | None,
+    block_size: int = 0,
+) -> np.ndarray:
+    """``(q - z) * s`` in the scale's dtype, as DequantizeLinear computes it."""
+    shape = np.shape(q)
+    centred = np.asarray(q, dtype=np.int32)
+    if zero_point is not None:
+        centred = centred - expand(zero_point.astype(np.int32), shape, axis, block_size)
+    s = expand(np.asarray(scale, dtype=np.float32), shape, axis, block_size)
+    return (centred.astype(np.float32) * s).astype(np.asarray(scale).dtype)

@@ -1,0 +1,82 @@
+"""Linear quantisation math: scale/zero-point layouts and the half-step round-trip bound."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from onnxcomp import quant
+
+RNG = np.random.default_rng(0)
+W = (RNG.standard_normal((24, 40)) * RNG.uniform(0.01, 3, (24, 1))).astype(np.float32)
+LAYOUTS = [(None, 0), (0, 0), (1, 0), (1, 16), (0, 16)]  # (axis, block_size); 40 = 2.5 blocks
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("axis", "block"), LAYOUTS)
+def test_round_trip_error_is_at_most_half_a_step(bits, symmetric, axis, block):
+    scale, zero_point = quant.linear_params(
+        W, bits, axis=axis, block_size=block, symmetric=symmetric
+    )
+    assert scale.dtype == np.float32 and scale.shape == quant.param_shape(W.shape, axis, block)
+    codes = quant.quantize(W, scale, zero_point, bits, axis=axis, block_size=block)
+    low, high = quant.qrange(bits, symmetric)
+    assert codes.dtype == np.int8 and low <= codes.min() and codes.max() <= high
+    restored = quant.dequantize(codes, scale, zero_point, axis=axis, block_size=block)
+    step = quant.expand(scale, W.shape, axis, block).astype(np.float64)
+    error = np.abs(W.astype(np.float64) - restored)
+    assert np.all(error <= step / 2 * (1 + 1e-5) + 1e-7)
+
+
+def test_per_channel_symmetric_scale_is_absmax_over_127():
+    scale, zero_point = quant.linear_params(W, 8, axis=1, symmetric=True)
+    assert zero_point is None and scale.shape == (40,)
+    want = np.abs(W).max(axis=0).astype(np.float64) / 127
+    assert np.all(scale >= want) and np.allclose(scale, want, rtol=1e-7)
+
+
+def test_blocked_scales_cover_a_last_partial_block_without_padding_zeros():
+    w = np.ones((2, 40), np.float32)
+    w[:, 32:] = -5.0  # the last block holds 8 real elements and 8 of padding
+    assert quant.param_shape(w.shape, 1, 16) == (2, 3)
+    low = quant.reduce_groups(w, 1, 16, np.nanmin)
+    np.testing.assert_array_equal(low, [[1, 1, -5], [1, 1, -5]])
+    expanded = quant.expand(low, w.shape, 1, 16)
+    assert expanded.shape == w.shape and expanded[0, 31] == 1 and expanded[0, 32] == -5
+
+
+def test_affine_zero_point_keeps_zero_exact_and_uses_the_full_range():
+    w = RNG.uniform(0.5, 2.0, (4, 64)).astype(np.float32)  # all positive: range [0, max]
+    scale, zero_point = quant.linear_params(w, 4, axis=0, symmetric=False)
+    assert zero_point is not None and np.all(zero_point == -8)
+    codes = quant.quantize(np.zeros_like(w), scale, zero_point, 4, axis=0)
+    assert not np.any(quant.dequantize(codes, scale, zero_point, axis=0))
+    codes = quant.quantize(w, scale, zero_point, 4, axis=0)
+    assert codes.max() == 7
+
+
+def test_all_zero_channel_gets_scale_one_and_zero_codes():
+    w = W.copy()
+    w[3] = 0
+    scale, _ = quant.linear_params(w, 8, axis=0)
+    assert scale[3] == 1
+    assert not np.any(quant.quantize(w, scale, None, 8, axis=0)[3])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+def test_half_precision_scales_are_rounded_up_so_the_bound_holds(dtype):
+    w = (RNG.standard_normal((8, 64)) * 1e-3).astype(dtype)
+    scale, _ = quant.linear_params(w, 4, axis=0, dtype=dtype)
+    assert scale.dtype == dtype and np.all(scale.astype(np.float32) > 0)
+    exact = np.abs(w.astype(np.float64)).max(axis=1) / 7
+    assert np.all(scale.astype(np.float64) >= exact)
+    codes = quant.quantize(w, scale, None, 4, axis=0)
+    error = np.abs(w.astype(np.float64) - codes * scale.astype(np.float64)[:, None])
+    assert np.all(error <= scale.astype(np.float64)[:, None] / 2 * (1 + 1e-6))
+
+
+def test_bits_outside_8_4_2_are_rejected():
+    with pytest.raises(ValueError, match="bits"):
+        quant.qrange(3, True)
