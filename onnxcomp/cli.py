@@ -1,4 +1,4 @@
-"""The ``onnxcomp`` command: optimize, passes, inspect.
+"""The ``onnxcomp`` command: optimize, passes, inspect, bench, report.
 
 Every failure a user can cause prints one line on stderr and exits non-zero: 2 for how the
 command was called (unknown pass or option, bad path), 1 for the model or data. A traceback
@@ -56,6 +56,52 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     inspect.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    bench = commands.add_parser(
+        "bench", help="size, latency, memory and accuracy of models side by side",
+        description="Measure every model under every provider x threads x batch setting. Ratios "
+        "are to the first model. A model that fails is reported and the others are still "
+        "measured; the exit code is 1 only if every model failed (130 on Ctrl-C, after printing "
+        "what was measured).",
+    )  # fmt: skip
+    bench.add_argument("models", nargs="+", help=".onnx files; the first is the baseline")
+    bench.add_argument("--providers", default="cpu",
+                       help="comma-separated: cpu, cuda, tensorrt, ... (default cpu); one that "
+                       "this onnxruntime lacks is noted in the table")
+    bench.add_argument("--threads", default="1",
+                       help="intra-op thread counts, comma-separated; 0 = ONNX Runtime's default "
+                       "(default 1)")
+    bench.add_argument("--batch", default="1", help="batch sizes, comma-separated (default 1)")
+    bench.add_argument("--data", help=".npz of real inputs (+ labels): feeds, and accuracy or "
+                       "agreement with the first model")
+    bench.add_argument("--shape", action="append", default=[], metavar="NAME=1x128",
+                       help="shape of random inputs (without --data); the batch dim is replaced")
+    bench.add_argument("--samples", type=int, default=512,
+                       help="samples of --data the accuracy figures use (default 512)")
+    bench.add_argument("--runs", type=int, default=100,
+                       help="measured runs per model and setting (default 100)")
+    bench.add_argument("--warmup", type=int, default=10,
+                       help="warm-up runs per model and setting, not recorded (default 10)")
+    bench.add_argument("--time-budget", type=float, metavar="SECONDS",
+                       help="stop a setting's runs once this many seconds are spent")
+    bench.add_argument("--level", choices=("disable", "basic", "extended", "all"), default="all",
+                       help="ONNX Runtime graph optimisation level (default all)")
+    bench.add_argument("--provider-option", action="append", default=[],
+                       metavar="PROVIDER:KEY=VALUE",
+                       help="passed to the provider, e.g. cuda:device_id=1 (repeatable)")
+    bench.add_argument("--no-memory", action="store_true",
+                       help="skip the peak-memory probe (a child process per model and setting)")
+    bench.add_argument("--json", help="write the results as JSON here")
+    bench.add_argument("--plot", help="write a PNG of latency vs size here (needs matplotlib)")
+    bench.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    report = commands.add_parser(
+        "report", help="render a JSON report of optimize --report or bench --json again"
+    )
+    report.add_argument("report", help="the JSON file")
+    report.add_argument("--plot", help="write a PNG: the per-pass trail of an optimize report, "
+                        "latency vs size of a bench report (needs matplotlib)")
+    report.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -73,8 +119,16 @@ def main(argv: list[str] | None = None) -> int:
             print(__version__)
             return 0
         if args.command is None:
-            raise UsageError("give a command: optimize, passes or inspect (see 'onnxcomp --help')")
-        return {"optimize": _optimize, "passes": _passes, "inspect": _inspect}[args.command](args)
+            raise UsageError("give a command: optimize, passes, inspect, bench or report "
+                             "(see 'onnxcomp --help')")
+        commands = {
+            "optimize": _optimize,
+            "passes": _passes,
+            "inspect": _inspect,
+            "bench": _bench,
+            "report": _report,
+        }
+        return commands[args.command](args)
     except OnnxcompError as e:
         if debug:
             raise
@@ -161,4 +215,106 @@ def _inspect(args: argparse.Namespace) -> int:
         print(to_json(summary_dict(summary, path=args.model, file_bytes=file_bytes)), end="")
     else:
         print_summary(summary, make_console(), path=args.model, file_bytes=file_bytes)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from onnxcomp.bench import BenchOptions, parse_provider_options, run_bench
+    from onnxcomp.data import parse_shapes
+    from onnxcomp.io import check_writable, write_text
+    from onnxcomp.report import check_plot_support, plot_bench, print_bench, progress_bar, to_json
+    from onnxcomp.report import console as make_console
+
+    options = BenchOptions(
+        providers=tuple(p for p in args.providers.split(",") if p.strip()),
+        threads=_int_list(args.threads, "--threads"),
+        batches=_int_list(args.batch, "--batch"),
+        runs=args.runs,
+        warmup=args.warmup,
+        time_budget=args.time_budget,
+        level=args.level,
+        provider_options=parse_provider_options(args.provider_option),
+        shapes=parse_shapes(args.shape),
+        samples=args.samples,
+        memory=not args.no_memory,
+    )
+    options.validate()
+    inputs = {Path(m).resolve() for m in args.models}
+    for flag, target in (("--json", args.json), ("--plot", args.plot)):
+        if target:
+            check_writable(target)
+            if Path(target).resolve() in inputs:
+                raise UsageError(f"{flag} would overwrite an input model")
+    if args.plot:
+        check_plot_support()
+
+    console = make_console()
+    with progress_bar() as progress:
+        report = run_bench(args.models, options, data=args.data, progress=progress)
+    data = report.to_dict()
+    print_bench(data, console)
+    if args.json:
+        write_text(args.json, to_json(data))
+        console.print(f"wrote {args.json}", highlight=False)
+    if args.plot and any(c.status == "ok" for c in report.cells):
+        plot_bench(data, args.plot)
+        console.print(f"wrote {args.plot}", highlight=False)
+    if report.interrupted:
+        _fail("interrupted; the table shows what was measured so far")
+        return 130
+    failed = report.failed_models()
+    if failed and len(failed) == len(report.models):
+        _fail("every model failed (see the table)")
+        return 1
+    return 0
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"bad {flag} '{text}': expected integers separated by commas") from None
+    if not values:
+        raise UsageError(f"{flag} is empty")
+    return values
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    from onnxcomp.report import (
+        check_plot_support,
+        pipeline_report_from_dict,
+        plot_bench,
+        plot_trail,
+        print_bench,
+        print_pipeline,
+    )
+    from onnxcomp.report import console as make_console
+
+    path = Path(args.report)
+    if not path.is_file():
+        raise UsageError(f"no such report file: {path}")
+    if args.plot:
+        check_plot_support()
+        if Path(args.plot).resolve() == path.resolve():
+            raise UsageError("--plot would overwrite the report")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise OnnxcompError(f"{path} is not a JSON report ({e})") from None
+    console = make_console()
+    if isinstance(data, dict) and data.get("kind") == "onnxcomp-bench":
+        print_bench(data, console)
+        if args.plot:
+            plot_bench(data, args.plot)
+    elif isinstance(data, dict) and "records" in data and "pipeline" in data:
+        print_pipeline(pipeline_report_from_dict(data), console)
+        if args.plot:
+            plot_trail(data, args.plot)
+    else:
+        raise OnnxcompError(f"{path} is neither an 'onnxcomp optimize --report' nor an "
+                            "'onnxcomp bench --json' file")
+    if args.plot:
+        console.print(f"wrote {args.plot}", highlight=False)
     return 0

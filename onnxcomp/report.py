@@ -6,14 +6,21 @@ measured.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from onnxcomp.analysis.summary import ModelSummary
+from onnxcomp.errors import OnnxcompError, UsageError
 from onnxcomp.pipeline import PipelineReport
 
 
@@ -196,3 +203,365 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Bench reports and plots. Everything below works on the JSON form (dicts), so a report read
+# back from a file renders exactly like one just measured.
+
+
+def print_bench(data: dict[str, Any], console: Console) -> None:
+    """``onnxcomp bench``: the models, then one line per model and setting, each figure with its
+    ratio to the first model under the same setting; notes and how it was measured."""
+    models = Table(title="models", title_justify="left")
+    for column in ("model", "file", "size", "external data", "status"):
+        right = column in ("size", "external data")
+        models.add_column(column, justify="right" if right else "left")
+    first_bytes = data["models"][0]["file_bytes"] if data["models"] else None
+    for model in data["models"]:
+        size = format_bytes(model["file_bytes"])
+        if model["file_bytes"] is not None and first_bytes:
+            size += f" ({model['file_bytes'] / first_bytes:.2f}x)"
+        models.add_row(
+            model["label"],
+            model["path"] or "(in memory)",
+            size,
+            format_bytes(model["external_data_bytes"]) if model["external_data_bytes"] else "-",
+            f"[red]error: {model['error']}[/red]" if model["error"] else "ok",
+        )
+    console.print(models)
+
+    results = data["results"]
+    first = data["models"][0]["label"] if data["models"] else None
+    failed = {m["label"] for m in data["models"] if m["error"]}
+    columns = ["setting", "model", "session ms", "p50 ms", "p90 ms", "p99 ms", "samples/s",
+               "peak memory"]  # fmt: skip
+    extra = [(key, header) for key, header in
+             (("accuracy", "top-1"), ("agreement", "agree"), ("cosine", "cosine"))
+             if any(r.get(key) is not None for r in results)]  # fmt: skip
+    columns += [header for _, header in extra] + ["note"]
+    table = Table(title="bench: each figure with its ratio to the first model "
+                  f"({first}) under the same setting", title_justify="left",
+                  box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)  # fmt: skip
+    for name in columns:
+        left = name in ("setting", "model", "note")
+        table.add_column(name, justify="left" if left else "right", no_wrap=name != "note",
+                         overflow="fold", min_width=20 if name == "note" else None)  # fmt: skip
+    for setting in data["settings"]:
+        key = (setting["provider"], setting["threads"], setting["batch"])
+        rows = [r for r in results if (r["provider"], r["threads"], r["batch"]) == key]
+        loaded = [r for r in rows if r["model"] not in failed]
+        notes = {r["note"] for r in loaded}
+        if loaded and len(notes) == 1 and all(r["status"] == "unavailable" for r in loaded):
+            table.add_row(_short_setting(setting), "all", *["-"] * (len(columns) - 3),
+                          f"[yellow]{notes.pop()}[/yellow]", end_section=True)  # fmt: skip
+            continue
+        for index, row in enumerate(rows):
+            latency, ratios = row["latency"] or {}, row["ratios"]
+            if row["model"] == first:
+                ratios = {}
+            figures = [
+                _with_ratio(row["session_seconds"] and row["session_seconds"] * 1e3,
+                            ratios.get("session_seconds"), digits=3),
+                _with_ratio(latency.get("p50"), ratios.get("p50")),
+                _with_ratio(latency.get("p90"), ratios.get("p90")),
+                _with_ratio(latency.get("p99"), ratios.get("p99")),
+                _with_ratio(row["throughput"], ratios.get("throughput"), fmt="{:,.0f}".format),
+                _with_ratio(row["peak_memory_bytes"], ratios.get("peak_memory_bytes"),
+                            fmt=format_bytes),
+            ]  # fmt: skip
+            for field, _ in extra:
+                value = row[field]
+                figures.append("-" if value is None else _metric_text(field, value))
+            note = row["note"]
+            if row["model"] in failed:
+                note = "[red]failed (see models)[/red]"
+            elif row["status"] == "error":
+                note = f"[red]error: {note}[/red]"
+            elif row["status"] in ("unavailable", "n/a"):
+                note = f"[yellow]{note}[/yellow]"
+            table.add_row(_short_setting(setting) if index == 0 else "", row["model"], *figures,
+                          note, end_section=index == len(rows) - 1)  # fmt: skip
+    console.print(table)
+    config = data["config"]
+    budget = f" or {config['time_budget_s']} s" if config.get("time_budget_s") else ""
+    memory = "child-process peak RSS over pre-session RSS, host only" if config[
+        "memory"] != "not measured" else "not measured"  # fmt: skip
+    console.print(
+        f"timing: {config['runs']} runs{budget} after {config['warmup']} warm-up, models "
+        f"interleaved run by run; ONNX Runtime {config['environment']['onnxruntime']}, level "
+        f"{config['level']}, inter-op threads 1; peak memory: {memory} (how: JSON config)",
+        highlight=False,
+    )
+    if config.get("data"):
+        console.print(f"accuracy: first {config['accuracy_samples']} samples of {config['data']}",
+                      highlight=False)
+    for note in data["notes"]:
+        console.print(f"note: {note}", highlight=False)
+
+
+@contextlib.contextmanager
+def progress_bar(first: str = "loading models") -> Iterator[Callable[[str, int, int], None]]:
+    """A progress bar on stderr (drawn only on a terminal) and the ``progress(what, done,
+    total)`` callback that :func:`onnxcomp.bench.run_bench` takes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    stderr = Console(stderr=True)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=stderr, transient=True,
+                  disable=not stderr.is_terminal) as bar:  # fmt: skip
+        task = bar.add_task(first, total=None)
+
+        def update(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        yield update
+
+
+def _with_ratio(value: float | None, ratio: float | None, *, digits: int = 4,
+                fmt: Any = None) -> str:  # fmt: skip
+    if value is None:
+        return "-"
+    text = fmt(value) if fmt else f"{value:.{digits}g}"
+    return text if ratio is None else f"{text}\n[dim]×{ratio:.2f}[/dim]"
+
+
+def _short_setting(setting: dict[str, Any]) -> str:
+    """``cpu t1 b32``: provider, intra-op threads (0 = ONNX Runtime's default), batch."""
+    label = setting["label"].split(" ")[0]
+    return f"{label} t{setting['threads'] or 'def'} b{setting['batch']}"
+
+
+def plot_bench(data: dict[str, Any], path: str) -> None:
+    """Latency p50 against file size, one point (marker) per model, one panel per setting;
+    colour is top-1 accuracy (else agreement or cosine with the first model). Each panel lists
+    its figures and ratios to the first model, so points that overlap stay readable."""
+    figure_class, canvas_class = _matplotlib()
+    settings = [s for s in data["settings"] if _ok_rows(data, s)]
+    if not settings:
+        raise OnnxcompError("nothing was measured, so there is nothing to plot")
+    models = [m["label"] for m in data["models"]]
+    sizes = {m["label"]: m["file_bytes"] for m in data["models"]}
+    unit, unit_name = _size_unit(max(v for v in sizes.values() if v is not None))
+    metric = next((k for k in ("accuracy", "agreement", "cosine")
+                   if any(r.get(k) is not None for r in data["results"])), None)  # fmt: skip
+    values = [r[metric] for r in data["results"] if metric and r.get(metric) is not None]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    if high - low < 1e-9:
+        low, high = low - 0.005, high + 0.005
+    colour_map = _colour_map()
+    markers = "osD^vPX*hp<>"
+    columns = 2 if len(settings) == 4 else min(len(settings), 3)
+    rows = -(-len(settings) // columns)
+    figure = figure_class(figsize=(5.6 * columns + 1.4, 4.6 * rows + 0.8), layout="constrained")
+    canvas_class(figure)
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax, setting in zip(axes.flat, settings, strict=False):
+        here = _ok_rows(data, setting)
+        lines = []
+        for r in here:
+            index = models.index(r["model"])
+            p50 = r["latency"]["p50"]
+            value = r.get(metric) if metric else None
+            colour = colour_map((value - low) / (high - low)) if value is not None else "tab:blue"
+            ax.scatter([sizes[r["model"]] / unit], [p50], s=110, marker=markers[index % 12],
+                       color=colour, edgecolors="black", linewidths=0.8, zorder=3)  # fmt: skip
+            size_ratio, ratio = r["ratios"].get("file_bytes"), r["ratios"].get("p50")
+            line = f"{r['model'][:16]:<16} " + (f"{size_ratio:5.2f}x" if size_ratio else " " * 6)
+            line += f" {p50:8.4g} ms" + (f" {ratio:5.2f}x" if ratio is not None else " " * 7)
+            if value is not None:
+                line += f"  {_metric_text(metric, value)}"
+            lines.append(line)
+        header = f"{'model':<16} {'size':>6} {'p50':>11} {'ratio':>6}" + (
+            f"  {_metric_label(metric)}" if values else "")
+        ax.text(0.02, 0.02, "\n".join([header, *lines]), transform=ax.transAxes,
+                family="monospace", fontsize=7.5, va="bottom",
+                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})  # fmt: skip
+        ax.set_title(setting["label"], fontsize=10)
+        ax.set_xlabel(f"file size ({unit_name})")
+        ax.set_ylabel("latency p50 (ms)")
+        ax.set_xlim(0, max(sizes[r["model"]] for r in here) / unit * 1.15)
+        # Headroom for the text box under the points.
+        ax.set_ylim(0, max(r["latency"]["p50"] for r in here) * (1.35 + 0.12 * len(here)))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(settings):]:
+        ax.set_visible(False)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker=markers[i % 12], linestyle="", markersize=9,
+                      markerfacecolor="lightgray", markeredgecolor="black")
+               for i in range(len(models))]  # fmt: skip
+    figure.legend(handles, [f"{m} ({format_bytes(sizes[m])})" for m in models],
+                  loc="outside lower center", ncols=min(len(models), 4), fontsize=9)  # fmt: skip
+    if values:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        mappable = ScalarMappable(norm=Normalize(low, high), cmap=colour_map)
+        bar = figure.colorbar(mappable, ax=axes, label=_metric_label(metric), shrink=0.8)
+        if metric != "cosine":
+            bar.formatter = _percent_formatter()
+            bar.update_ticks()
+    figure.suptitle("onnxcomp bench: latency vs file size, one point per model "
+                    "(lower left is better)")  # fmt: skip
+    _save_figure(figure, path)
+
+
+def _ok_rows(data: dict[str, Any], setting: dict[str, Any]) -> list[dict[str, Any]]:
+    key = (setting["provider"], setting["threads"], setting["batch"])
+    return [r for r in data["results"]
+            if (r["provider"], r["threads"], r["batch"]) == key and r["status"] == "ok"]
+
+
+def _size_unit(largest: int) -> tuple[int, str]:
+    for unit, name in ((1024**3, "GB"), (1024**2, "MB"), (1024, "KB")):
+        if largest >= unit:
+            return unit, name
+    return 1, "bytes"
+
+
+def plot_trail(data: dict[str, Any], path: str) -> None:
+    """An ``optimize --report`` ledger: weight bytes and nodes after each pass, and top-1
+    accuracy (with labels) or the lowest output cosine against the input model."""
+    figure_class, canvas_class = _matplotlib()
+    records = data["records"]
+    names = ["input"] + [r["name"] for r in records]
+    sizes = [data["before"]["weight_bytes"]] + [r["after"]["weight_bytes"] for r in records]
+    nodes = [data["before"]["nodes"]] + [r["after"]["nodes"] for r in records]
+    figure = figure_class(figsize=(max(6.0, 1.4 * len(names) + 2), 7.5), layout="constrained")
+    canvas_class(figure)
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    positions = list(range(len(names)))
+    unit, unit_name = _size_unit(max([*sizes, 1]))
+    bars = top.bar(positions, [v / unit for v in sizes], color="tab:blue", alpha=0.8,
+                   label="weight bytes")  # fmt: skip
+    for bar, size in zip(bars, sizes, strict=True):
+        label = format_bytes(size) + (f"\n{size / sizes[0]:.2f}x" if sizes[0] else "")
+        top.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 3),
+                     textcoords="offset points", ha="center", va="bottom", fontsize=8,
+                     bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8})  # fmt: skip
+    top.set_ylabel(f"weight bytes ({unit_name})")
+    top.set_ylim(0, max([*sizes, 1]) / unit * 1.35)
+    twin = top.twinx()
+    twin.plot(positions, nodes, "o--", color="tab:gray", label="nodes")
+    twin.set_ylabel("nodes")
+    twin.set_ylim(0, max([*nodes, 1]) * 1.6)
+    top.legend(handles=[bars, *twin.get_lines()], loc="upper right", fontsize=8)
+    top.set_title(f"pipeline {data['pipeline']}: size after each pass")
+    if data.get("accuracy_before") is not None:
+        accuracy = [data["accuracy_before"]] + [r.get("accuracy") for r in records]
+        points = [(i, a) for i, a in enumerate(accuracy) if a is not None]
+        bottom.plot([p for p, _ in points], [a * 100 for _, a in points], "o-", color="tab:green")
+        for p, a in points:
+            bottom.annotate(f"{a:.2%}", (p, a * 100), xytext=(0, 6), textcoords="offset points",
+                            ha="center", fontsize=8)  # fmt: skip
+        bottom.set_ylabel("top-1 accuracy %")
+        bottom.set_title("top-1 accuracy after each pass")
+        low = min(a for _, a in points) * 100
+        bottom.set_ylim(max(0.0, low - 5), min(100.0, max(a for _, a in points) * 100 + 2) + 0.5)
+    else:
+        points = [(i + 1, min(d["cosine"] for d in r["check"]))
+                  for i, r in enumerate(records) if r.get("check")]  # fmt: skip
+        if points:
+            points.insert(0, (0, 1.0))
+            bottom.plot([p for p, _ in points], [c for _, c in points], "o-", color="tab:purple")
+            for p, c in points:
+                bottom.annotate(f"{c:.6f}", (p, c), xytext=(0, 6), textcoords="offset points",
+                                ha="center", fontsize=8)  # fmt: skip
+            bottom.set_title("lowest output cosine vs the input model after each pass")
+        else:
+            bottom.set_title("no numeric check in this report (--check none)")
+        bottom.set_ylabel("cosine")
+    bottom.set_xticks(positions, names, rotation=20 if len(names) > 4 else 0)
+    bottom.grid(alpha=0.3)
+    if data.get("accuracy_before") is None:
+        bottom.margins(y=0.25)
+    _save_figure(figure, path)
+
+
+def pipeline_report_from_dict(data: dict[str, Any]) -> PipelineReport:
+    """Rebuild a PipelineReport from ``optimize --report`` JSON, to render it again."""
+    from onnxcomp.instrument import OutputDiff, Tolerance
+    from onnxcomp.pipeline import PassRecord, Snapshot
+
+    def diffs(items: list[dict[str, Any]] | None) -> list[OutputDiff] | None:
+        if items is None:
+            return None
+        return [OutputDiff(**{k: _float(v) if k in ("max_abs", "cosine", "ref_scale") else v
+                              for k, v in d.items()}) for d in items]  # fmt: skip
+
+    try:
+        records = [
+            PassRecord(**{**r, "after": Snapshot(**r["after"]), "check": diffs(r["check"])})
+            for r in data["records"]
+        ]
+        return PipelineReport(**{
+            **data,
+            "before": Snapshot(**data["before"]),
+            "records": records,
+            "tolerance": Tolerance(**data["tolerance"]),
+        })  # fmt: skip
+    except (KeyError, TypeError) as e:
+        raise OnnxcompError(f"not an 'onnxcomp optimize --report' file ({e})") from None
+
+
+def _float(value: Any) -> float:
+    return float(value)  # "inf" / "nan" were written as strings by to_json
+
+
+def _metric_label(metric: str | None) -> str:
+    labels = {"accuracy": "top-1", "agreement": "agreement with first", "cosine": "cosine vs first"}
+    return labels.get(metric or "", "")
+
+
+def _metric_text(metric: str | None, value: float) -> str:
+    return f"{value:.6f}" if metric == "cosine" else f"{value:.2%}"
+
+
+def check_plot_support() -> None:
+    """Fail before any work when ``--plot`` is asked for and matplotlib is missing."""
+    _matplotlib()
+
+
+def _matplotlib():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'onnxcomp[plot]'") from None
+    return Figure, FigureCanvasAgg
+
+
+def _percent_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _: f"{value:.1%}")
+
+
+def _colour_map():
+    from matplotlib import colormaps
+
+    return colormaps["viridis"]
+
+
+def _bytes_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _: format_bytes(int(value)))
+
+
+def _save_figure(figure: Any, path: str) -> None:
+    """Write a PNG atomically (temporary file beside it, then rename)."""
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise UsageError(f"directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=directory)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, dpi=120, format="png")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
