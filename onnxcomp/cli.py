@@ -178,6 +178,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _passes(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from onnxcomp.registry import PASSES
@@ -185,7 +186,7 @@ def _passes(args: argparse.Namespace) -> int:
 
     console = make_console()
     for name, spec in PASSES.items():
-        console.print(f"[bold]{name}[/bold]  {spec.summary}", highlight=False)
+        console.print(f"[bold]{name}[/bold]  {escape(spec.summary)}", highlight=False)
         options = spec.options_class().describe()
         if not options:
             console.print("    (no options)")
@@ -195,9 +196,21 @@ def _passes(args: argparse.Namespace) -> int:
             table.add_column(column)
         for option_name, type_name, default, help_text in options:
             default = spec.presets.get(option_name, default)
-            table.add_row(f"    {option_name}", type_name, repr(default), help_text)
+            table.add_row(
+                f"    {option_name}", escape(type_name), escape(_option_text(default)),
+                escape(help_text),
+            )  # fmt: skip
         console.print(table)
     return 0
+
+
+def _option_text(value: object) -> str:
+    """A default as it would be written in a pipeline string (lists joined with +)."""
+    if isinstance(value, tuple):
+        return "+".join(map(str, value)) or "(none)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def _inspect(args: argparse.Namespace) -> int:

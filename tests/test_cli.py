@@ -149,6 +149,8 @@ def test_passes_lists_every_pass_with_options(capsys):
     out = capsys.readouterr().out
     assert "simplify" in out and "fold-bn" in out
     assert "iterations" in out and "int" in out
+    # list options show their item type and a default in pipeline syntax (a+b), not a repr
+    assert "list[str]" in out and "Conv+Gemm+MatMul" in out
 
 
 def test_inspect_reports_params_and_ops(capsys, cnn_path: Path):

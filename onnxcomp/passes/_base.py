@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from onnxcomp.errors import UnsupportedModelError, UsageError
+from onnxcomp.passes._opset import onnx_opset
 
 if typing.TYPE_CHECKING:
     from onnxcomp.data import Dataset
@@ -112,8 +113,9 @@ class CompressionPass(ir.passes.InPlacePass):
         self.data = data
 
     def requires(self, model: ir.Model) -> None:
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-        if opset < self.min_opset:
+        opset = onnx_opset(model)
+        # A model importing only other domains (ai.onnx.ml) has no default opset to check.
+        if opset and opset < self.min_opset:
             raise UnsupportedModelError(
                 f"{type(self).__name__} needs opset >= {self.min_opset}, the model has opset "
                 f"{opset}; upgrade it first (e.g. onnx.version_converter)"

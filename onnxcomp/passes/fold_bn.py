@@ -25,6 +25,7 @@ from onnxscript.rewriter.rules.common import (
 
 from onnxcomp.errors import UnsupportedModelError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions
+from onnxcomp.passes._opset import onnx_opset
 from onnxcomp.passes.simplify import folding_hazard
 
 BN_EPSILON_DEFAULT = 1e-5
@@ -48,7 +49,7 @@ class FoldBatchNormPass(CompressionPass):
 
     def requires(self, model: ir.Model) -> None:
         super().requires(model)
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        opset = onnx_opset(model)
         if opset < BN_MIN_OPSET and _batchnorms(model):
             raise UnsupportedModelError(
                 f"{type(self).__name__} needs opset >= {BN_MIN_OPSET} to fold "

@@ -20,6 +20,7 @@ from onnx_ir.passes import common as common_passes
 
 from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
+from onnxcomp.passes._opset import onnx_opset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,7 @@ def folding_hazard(model: ir.Model) -> str | None:
     scalar. Its partial evaluators run before any ``should_fold`` hook, so they cannot be
     turned off node by node.
     """
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    opset = onnx_opset(model)
     graphs: list[ir.Graph | ir.Function] = [model.graph, *model.functions.values()]
     for graph in graphs:
         for node in ir.traversal.RecursiveGraphIterator(graph):
