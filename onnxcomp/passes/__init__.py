@@ -16,6 +16,8 @@ _LAZY = {
     "MagnitudePruneOptions": "onnxcomp.passes.prune",
     "NMPrunePass": "onnxcomp.passes.prune",
     "NMPruneOptions": "onnxcomp.passes.prune",
+    "ChannelPrunePass": "onnxcomp.passes.prune_channels",
+    "ChannelPruneOptions": "onnxcomp.passes.prune_channels",
     "WeightQuantizePass": "onnxcomp.passes.quantize",
     "WeightQuantizeOptions": "onnxcomp.passes.quantize",
 }
