@@ -68,6 +68,8 @@ PASSES: dict[str, PassSpec] = {
         PassSpec(
             "binary", "onnxcomp.passes.quantize:WeightQuantizePass", {"bits": 2, "scheme": "binary"}
         ),
+        PassSpec("int8-static", "onnxcomp.passes.quantize_static:StaticQuantizePass"),
+        PassSpec("int8-dynamic", "onnxcomp.passes.quantize_dynamic:DynamicQuantizePass"),
     )
 }
 

@@ -8,7 +8,7 @@ pass changed with what the runtime changed.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +75,58 @@ def run_batches(
 def output_names(session: ort.InferenceSession) -> list[str]:
     return [o.name for o in session.get_outputs()]
 
+
+
+def collect_activations(
+    model: ir.Model,
+    names: Sequence[str],
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    level: str = "basic",
+    threads: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Run ``model`` on each feed and yield the values ``names`` (intermediate values or graph
+    outputs) by name, one dict per batch. The values are added as graph outputs of a copy: the
+    model is not changed. Names the model lacks are left out of the dicts."""
+    probe = model.clone()
+    produced = {v.name: v for node in probe.graph for v in node.outputs if v.name}
+    produced.update((v.name, v) for v in probe.graph.inputs if v.name)
+    wanted = [name for name in dict.fromkeys(names) if name in produced]
+    present = {v.name for v in probe.graph.outputs}
+    probe.graph.outputs.extend(
+        produced[n] for n in wanted if n not in present and not produced[n].is_graph_input()
+    )
+    if not wanted:
+        return
+    session = make_session(probe, level=level, threads=threads)
+    fetch = [n for n in wanted if not produced[n].is_graph_input()]
+    for feeds in batches:
+        try:
+            values = session.run(fetch, feeds) if fetch else []
+        except Exception as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OnnxcompError(f"ONNX Runtime failed to run the model: {message[:400]}") from None
+        found = dict(zip(fetch, values, strict=True))
+        found.update((n, feeds[n]) for n in wanted if n in feeds)
+        yield found
+
+
+def optimized_model(model: ir.Model, *, level: str = "extended") -> ir.Model:
+    """The graph ONNX Runtime (CPU) actually runs at ``level``: what its fusions made of
+    ``model`` (e.g. which QuantizeLinear/DequantizeLinear it turned into integer kernels)."""
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-ort-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = LEVELS[level]
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        try:
+            if weight_bytes(model) < _INLINE_LIMIT_BYTES and not has_external_tensors(model):
+                source: str | bytes = ir.to_proto(model).SerializeToString()
+            else:
+                ir.save(model, Path(tmp) / "model.onnx", external_data="model.onnx.data")
+                source = str(Path(tmp) / "model.onnx")
+            ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OnnxcompError(f"ONNX Runtime cannot load the model: {message[:400]}") from None
+        return ir.load(options.optimized_model_filepath)

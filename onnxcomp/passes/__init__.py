@@ -20,6 +20,10 @@ _LAZY = {
     "ChannelPruneOptions": "onnxcomp.passes.prune_channels",
     "WeightQuantizePass": "onnxcomp.passes.quantize",
     "WeightQuantizeOptions": "onnxcomp.passes.quantize",
+    "StaticQuantizePass": "onnxcomp.passes.quantize_static",
+    "StaticQuantizeOptions": "onnxcomp.passes.quantize_static",
+    "DynamicQuantizePass": "onnxcomp.passes.quantize_dynamic",
+    "DynamicQuantizeOptions": "onnxcomp.passes.quantize_dynamic",
 }
 
 __all__ = ["CompressionPass", "CompressionResult", "PassOptions", "option", *_LAZY]

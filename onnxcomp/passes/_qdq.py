@@ -9,7 +9,9 @@ import onnx_ir as ir
 
 from onnxcomp.quant import pack
 
-INTEGER_TYPES = {8: ir.DataType.INT8, 4: ir.DataType.INT4, 2: ir.DataType.INT2}
+INTEGER_TYPES = {
+    32: ir.DataType.INT32, 8: ir.DataType.INT8, 4: ir.DataType.INT4, 2: ir.DataType.INT2
+}
 LOW_BIT_TYPES = frozenset(
     {
         ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4,
@@ -20,11 +22,19 @@ LOW_BIT_TYPES = frozenset(
 )  # fmt: skip
 
 
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QGemm",
+        "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits",
+    }
+)  # fmt: skip
+
+
 def integer_tensor(codes: np.ndarray, bits: int, name: str) -> ir.TensorProtocol:
-    """``codes`` (signed integers) as an INT8, or packed INT4 / INT2, tensor."""
+    """``codes`` (signed integers) as an INT32 (biases) or INT8, or packed INT4 / INT2, tensor."""
     dtype = INTEGER_TYPES[bits]
-    if bits == 8:
-        return ir.tensor(np.asarray(codes, dtype=np.int8), dtype=dtype, name=name)
+    if bits in (8, 32):
+        return ir.tensor(np.asarray(codes, dtype=dtype.numpy()), dtype=dtype, name=name)
     return ir.PackedTensor(pack(codes, bits), dtype, shape=ir.Shape(np.shape(codes)), name=name)
 
 
@@ -64,6 +74,53 @@ def add_dequantized_weight(
     output.shape = ir.Shape(np.shape(codes))
     graph.append(node)
     return output, sum(v.const_value.nbytes for v in inputs)  # type: ignore[union-attr]
+
+
+def add_quantize_dequantize(
+    graph: ir.Graph,
+    value: ir.Value,
+    scale: float,
+    zero_point: int,
+    *,
+    name: str,
+    dtype: ir.DataType = ir.DataType.INT8,
+) -> ir.Value:
+    """Add ``DequantizeLinear(QuantizeLinear(value))`` with a per-tensor ``scale`` and
+    ``zero_point`` (an activation's QDQ pair, codes of ``dtype``: INT8 or UINT8); returns the
+    dequantized value. The caller rewires the consumers. The nodes are appended: sort the graph
+    afterwards."""
+    scale_value = _initializer(graph, f"{name}_scale", ir.tensor(np.float32(scale)))
+    zero_value = _initializer(
+        graph, f"{name}_zero_point", ir.tensor(np.array(zero_point, dtype=dtype.numpy()))
+    )
+    quantize = ir.node(
+        "QuantizeLinear", [value, scale_value, zero_value], name=f"{name}_quantize"
+    )
+    quantized = quantize.outputs[0]
+    quantized.name, quantized.dtype = f"{name}_quantized", dtype
+    quantized.shape = value.shape
+    dequantize = ir.node(
+        "DequantizeLinear", [quantized, scale_value, zero_value], name=f"{name}_dequantize"
+    )
+    output = dequantize.outputs[0]
+    output.name, output.dtype, output.shape = f"{name}_dequantized", ir.DataType.FLOAT, value.shape
+    graph.append(quantize)
+    graph.append(dequantize)
+    return output
+
+
+def is_quantized(model: ir.Model) -> list[str]:
+    """Op types (any graph) that show the model is already quantised: QuantizeLinear,
+    DequantizeLinear of a low-bit constant, integer and QLinear kernels."""
+    found = set()
+    for graph in model.graphs():
+        for node in graph:
+            op = node.op_type
+            if op in QUANTIZED_OPS or op.startswith("QLinear"):
+                found.add(op)
+    if quantized_weight_count(model):
+        found.add("DequantizeLinear")
+    return sorted(found)
 
 
 def quantized_weight_count(model: ir.Model) -> int:

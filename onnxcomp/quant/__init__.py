@@ -18,6 +18,7 @@ from onnxcomp.quant.linear import (
     param_shape,
     qrange,
     quantize,
+    quantize_bias,
     reduce_groups,
 )
 from onnxcomp.quant.pack import pack, unpack
@@ -32,6 +33,7 @@ __all__ = [
     "param_shape",
     "qrange",
     "quantize",
+    "quantize_bias",
     "reduce_groups",
     "ternarize",
     "unpack",

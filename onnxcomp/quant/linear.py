@@ -138,3 +138,18 @@ def dequantize(
         centred = centred - expand(zero_point.astype(np.int32), shape, axis, block_size)
     s = expand(np.asarray(scale, dtype=np.float32), shape, axis, block_size)
     return (centred.astype(np.float32) * s).astype(np.asarray(scale).dtype)
+
+
+def quantize_bias(
+    bias: np.ndarray, input_scale: float, weight_scale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Int32 codes and scale of a Conv / Gemm bias for integer kernels: the scale is
+    ``input_scale * weight_scale`` (per output channel when the weight's scale is), so the
+    bias adds straight onto the int32 accumulator; codes saturate to the int32 range."""
+    scale = (np.float32(input_scale) * np.asarray(weight_scale, dtype=np.float32)).astype(
+        np.float32
+    )
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    info = np.iinfo(np.int32)
+    codes = np.rint(np.asarray(bias, dtype=np.float64) / scale.astype(np.float64))
+    return np.clip(codes, info.min, info.max).astype(np.int32), scale
