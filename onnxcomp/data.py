@@ -43,6 +43,19 @@ class Dataset:
             yield {name: array[start:stop] for name, array in self.inputs.items()}
 
 
+def static_batch(model: ir.Model) -> int | None:
+    """The batch size a model fixes with a static leading input dim, or None if it is free."""
+    for value in graph_inputs(model):
+        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
+            return max(1, value.shape[0])
+    return None
+
+
+def run_batch_size(model: ir.Model, num_samples: int, cap: int = 16) -> int:
+    """Samples per ORT run: the model's static batch if it has one, else up to ``cap``."""
+    return static_batch(model) or min(cap, max(1, num_samples))
+
+
 def graph_inputs(model: ir.Model) -> list[ir.Value]:
     """Inputs a caller must feed (initializers listed as inputs are not among them)."""
     return [v for v in model.graph.inputs if not v.is_initializer()]

@@ -21,7 +21,7 @@ from onnx_ir.passes import common as common_passes
 
 from onnxcomp import registry
 from onnxcomp.analysis.summary import ModelSummary, summarize
-from onnxcomp.data import Dataset, random_inputs
+from onnxcomp.data import Dataset, random_inputs, run_batch_size
 from onnxcomp.errors import OnnxcompError, PassFailedError, UsageError
 from onnxcomp.instrument import OutputDiff, Reference, Tolerance, check_model
 from onnxcomp.passes._base import CompressionPass, CompressionResult
@@ -160,7 +160,7 @@ def run_pipeline(
             reference = Reference(
                 model,
                 inputs,
-                batch_size=_check_batch_size(model, inputs),
+                batch_size=run_batch_size(model, inputs.num_samples, MAX_CHECK_BATCH),
                 level=level,
                 limit=check_samples,
             )
@@ -245,14 +245,6 @@ def _cleanup(model: ir.Model) -> None:
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.TopologicalSortPass()(model)
     common_passes.NameFixPass()(model)
-
-
-def _check_batch_size(model: ir.Model, inputs: Dataset) -> int:
-    """Static leading dims force that batch size; otherwise batch up to MAX_CHECK_BATCH."""
-    for value in model.graph.inputs:
-        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
-            return max(1, value.shape[0])
-    return min(MAX_CHECK_BATCH, max(1, inputs.num_samples))
 
 
 def _label(compression_pass: CompressionPass) -> str:

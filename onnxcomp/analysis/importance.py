@@ -11,15 +11,13 @@ memory does not grow with it) and returns the Shannon entropy of each histogram 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
-import onnxruntime as ort
 
 from onnxcomp import runtime
-from onnxcomp.data import Dataset
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.data import Dataset, run_batch_size
 
 DEFAULT_BINS = 32
 MAX_BATCH = 16
@@ -65,27 +63,25 @@ def channel_entropy(
 ) -> dict[str, np.ndarray]:
     """Entropy (nats) of each channel of each value in ``points`` (value name -> channel axis),
     over the first ``samples`` samples of ``data``. Names the model lacks are left out."""
-    probe = model.clone()
-    wanted = {v.name: v for node in probe.graph for v in node.outputs if v.name in points}
-    outputs = {v.name for v in probe.graph.outputs}
-    probe.graph.outputs.extend(v for name, v in wanted.items() if name not in outputs)
-    if not wanted:
-        return {}
-    session = runtime.make_session(probe)
-    names = list(wanted)
-    batch = _batch_size(model, data)
+    names = list(points)
+    batch = run_batch_size(model, data.num_samples, MAX_BATCH)
+
+    def passes():
+        return runtime.collect_activations(model, names, data.batches(batch, samples))
+
+    # Two passes over the data: per-channel ranges first, then histograms over those ranges.
     low: dict[str, np.ndarray] = {}
     high: dict[str, np.ndarray] = {}
-    for activations in _run(session, names, data.batches(batch, samples)):
-        for name, x in zip(names, activations, strict=True):
+    for activations in passes():
+        for name, x in activations.items():
             flat = _channels(x, points[name])
             finite = np.where(np.isfinite(flat), flat, np.nan)
             lo, hi = np.nanmin(finite, axis=1), np.nanmax(finite, axis=1)
             low[name] = np.fmin(low[name], lo) if name in low else lo
             high[name] = np.fmax(high[name], hi) if name in high else hi
     counts: dict[str, np.ndarray] = {}
-    for activations in _run(session, names, data.batches(batch, samples)):
-        for name, x in zip(names, activations, strict=True):
+    for activations in passes():
+        for name, x in activations.items():
             hist = histogram_channels(_channels(x, points[name]), low[name], high[name], bins)
             counts[name] = counts[name] + hist if name in counts else hist
     return {name: entropy(hist) for name, hist in counts.items()}
@@ -117,22 +113,3 @@ def entropy(counts: np.ndarray) -> np.ndarray:
 def _channels(x: np.ndarray, axis: int) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
-
-
-def _run(
-    session: ort.InferenceSession, names: list[str], batches: Iterator[dict[str, np.ndarray]]
-) -> Iterator[list[np.ndarray]]:
-    for feeds in batches:
-        try:
-            yield session.run(names, feeds)
-        except Exception as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise OnnxcompError(f"ONNX Runtime failed to run the model: {message[:400]}") from None
-
-
-def _batch_size(model: ir.Model, data: Dataset) -> int:
-    """A static leading dim forces that batch size; otherwise batches of up to MAX_BATCH."""
-    for value in model.graph.inputs:
-        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
-            return max(1, value.shape[0])
-    return min(MAX_BATCH, max(1, data.num_samples))

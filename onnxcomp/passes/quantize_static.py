@@ -47,7 +47,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from onnxcomp import quant, runtime
-from onnxcomp.data import Dataset
+from onnxcomp.data import Dataset, static_batch
 from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
 from onnxcomp.passes._opset import upgrade_opset
@@ -529,7 +529,7 @@ def _calibration_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Feeds of up to MAX_CALIBRATION_BATCH samples. With a mask input (and ``trim``), samples
     of equal unpadded length are batched together and trimmed to it: no padding positions."""
-    static = _static_batch(model)
+    static = static_batch(model)
     total = min(samples, data.num_samples)
     if static is not None or not trim:
         yield from data.batches(static or MAX_CALIBRATION_BATCH, total)
@@ -550,13 +550,6 @@ def _calibration_batches(
             chunk = rows[start : start + MAX_CALIBRATION_BATCH]
             feeds = {name: array[chunk] for name, array in inputs.items()}
             yield calibrate.trim_padding(feeds, tuple(masks))
-
-
-def _static_batch(model: ir.Model) -> int | None:
-    for value in model.graph.inputs:
-        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
-            return max(1, value.shape[0])
-    return None
 
 
 def _static_sequence(model: ir.Model, mask_name: str) -> bool:
