@@ -55,6 +55,7 @@ PASSES: dict[str, PassSpec] = {
         PassSpec("fold-bn", "onnxcomp.passes.fold_bn:FoldBatchNormPass"),
         PassSpec("prune", "onnxcomp.passes.prune:MagnitudePrunePass"),
         PassSpec("prune-nm", "onnxcomp.passes.prune:NMPrunePass"),
+        PassSpec("lowrank", "onnxcomp.passes.lowrank:LowRankPass"),
         PassSpec("prune-channels", "onnxcomp.passes.prune_channels:ChannelPrunePass"),
         PassSpec("int8", "onnxcomp.passes.quantize:WeightQuantizePass", {"bits": 8}),
         PassSpec(

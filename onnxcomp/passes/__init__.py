@@ -16,6 +16,8 @@ _LAZY = {
     "MagnitudePruneOptions": "onnxcomp.passes.prune",
     "NMPrunePass": "onnxcomp.passes.prune",
     "NMPruneOptions": "onnxcomp.passes.prune",
+    "LowRankPass": "onnxcomp.passes.lowrank",
+    "LowRankOptions": "onnxcomp.passes.lowrank",
     "ChannelPrunePass": "onnxcomp.passes.prune_channels",
     "ChannelPruneOptions": "onnxcomp.passes.prune_channels",
     "WeightQuantizePass": "onnxcomp.passes.quantize",
