@@ -24,6 +24,14 @@ def run_onnx(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray]) 
     )
 
 
+@pytest.fixture(autouse=True)
+def _fresh_module_rng(request: pytest.FixtureRequest) -> None:
+    """Reseed a test module's shared ``RNG`` before each test, so every test draws the same
+    numbers whatever ran before it (pytest-xdist changes the order and the grouping)."""
+    if isinstance(getattr(request.module, "RNG", None), np.random.Generator):
+        request.module.RNG = np.random.default_rng(0)
+
+
 def _init(name: str, array: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(array, name)
 

@@ -114,9 +114,11 @@ def test_every_calibration_method_gives_a_close_model(method):
     original = conv_bn_residual_model()
     quantized, result = _quantize(original, _cnn_data(512), method=method)
     assert result.stats["method"] == method
-    x = RNG.standard_normal((16, 1, 4, 4)).astype(np.float32)
+    x = RNG.standard_normal((256, 1, 4, 4)).astype(np.float32)
     (want,), (got,) = run_onnx(original, {"x": x}), run_onnx(quantized, {"x": x})
-    assert _cosine(got, want) > 0.97  # entropy clips hardest on this small random model
+    # Over six seeds of weights and data: entropy 0.9951-0.9998 (0.958-0.981 before ReLU
+    # zeros were kept out of its divergence), percentile and mse 0.9987-0.9998.
+    assert _cosine(got, want) > (0.99 if method == "entropy" else 0.998)
 
 
 def _padded_token_model() -> onnx.ModelProto:
@@ -167,7 +169,8 @@ def test_padded_token_calibration_is_trimmed_and_beats_untrimmed():
     (want,) = run_onnx(original, feeds)
     cos_trimmed = _cosine(run_onnx(trimmed, feeds)[0], want)
     cos_untrimmed = _cosine(run_onnx(untrimmed, feeds)[0], want)
-    assert cos_trimmed > 0.999 and cos_trimmed > cos_untrimmed + 0.001
+    # over six seeds: trimmed 0.99991-0.99999; untrimmed error 42x to 397x larger
+    assert cos_trimmed > 0.9999 and (1 - cos_untrimmed) > 10 * (1 - cos_trimmed)
     # the mask path stays float: its calibration range (no padding) is not its real range
     assert "QuantizeLinear" not in {n.op_type for n in _consumers(trimmed, "m3")}
 
