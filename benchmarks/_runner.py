@@ -22,13 +22,32 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 import onnxcomp
-from onnxcomp.bench import BenchOptions, BenchReport, Candidate, parse_provider_options, run_bench
+from onnxcomp.bench import (
+    DEFAULT_SAMPLES,
+    BenchOptions,
+    BenchReport,
+    Candidate,
+    parse_provider_options,
+    run_bench,
+)
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.io import write_text
-from onnxcomp.report import console, plot_bench, print_bench, progress_bar, to_json
+from onnxcomp.report import (
+    console,
+    format_bytes,
+    plot_bench,
+    print_bench,
+    progress_bar,
+    to_json,
+)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -45,6 +64,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--provider-option", action="append", default=[],
                    metavar="PROVIDER:KEY=VALUE")  # fmt: skip
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                   help="samples of --data the accuracy figures use")  # fmt: skip
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a PNG of latency vs size here")
     return p
@@ -66,6 +87,7 @@ def options(args: argparse.Namespace) -> BenchOptions:
         level=args.level,
         provider_options=parse_provider_options(args.provider_option),
         memory=not args.no_memory,
+        samples=getattr(args, "samples", DEFAULT_SAMPLES),
     )
 
 
@@ -92,14 +114,25 @@ def compress(
     return candidates
 
 
+def bench(
+    candidates: Sequence[Candidate | str | os.PathLike],
+    args: argparse.Namespace,
+    *,
+    data: str | os.PathLike | None = None,
+) -> BenchReport:
+    """Measure ``candidates`` as ``args`` say (on ``data``, else ``args.data``), with a progress
+    bar; prints and writes nothing. For scripts that bench several models in one run."""
+    with progress_bar() as progress:
+        return run_bench(candidates, options(args), data=data or args.data, progress=progress)
+
+
 def run(
     candidates: Sequence[Candidate | str | os.PathLike],
     args: argparse.Namespace,
 ) -> BenchReport:
     """Measure ``candidates`` as ``args`` say, print the table, write the JSON and plot."""
     out = console()
-    with progress_bar() as progress:
-        report = run_bench(candidates, options(args), data=args.data, progress=progress)
+    report = bench(candidates, args)
     data = report.to_dict()
     print_bench(data, out)
     if args.json:
@@ -111,6 +144,64 @@ def run(
     return report
 
 
+MetaColumn = tuple[str, str, Callable[[Any], str]]  # (key in a model's meta, header, format)
+
+
+def print_summary(
+    data: dict[str, Any],
+    out: Console,
+    *,
+    title: str,
+    meta: Sequence[MetaColumn] = (),
+) -> None:
+    """One row per model of a bench report (``BenchReport.to_dict()``): size, top-1 and cosine
+    against the first model (from the first setting that measured them), p50 latency under each
+    setting with its ratio to the first model, and the ``meta`` columns the script names."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    settings = data["settings"]
+    headers = ["model", "size", "top-1", "cosine"]
+    headers += [f"p50 ms t{s['threads'] or 'def'} b{s['batch']}" for s in settings]
+    headers += [header for _, header, _ in meta]
+    rows = []
+    first_bytes = data["models"][0]["file_bytes"] if data["models"] else None
+    for model in data["models"]:
+        cells = [r for r in data["results"] if r["model"] == model["label"]]
+        scored = next((r for r in cells if r["cosine"] is not None or r["accuracy"] is not None),
+                      {})  # fmt: skip
+        size = format_bytes(model["file_bytes"])
+        if model["file_bytes"] and first_bytes:
+            size += f" ({model['file_bytes'] / first_bytes:.2f}x)"
+        row = [model["label"], size, _maybe(scored.get("accuracy"), "{:.2%}"),
+               _maybe(scored.get("cosine"), "{:.5f}")]  # fmt: skip
+        for setting in settings:
+            key = (setting["provider"], setting["threads"], setting["batch"])
+            cell = next((r for r in cells if (r["provider"], r["threads"], r["batch"]) == key),
+                        None)  # fmt: skip
+            if cell is None or cell["latency"] is None:
+                row.append("-")
+                continue
+            ratio = cell["ratios"].get("p50")
+            text = f"{cell['latency']['p50']:.3f}"
+            row.append(text + (f" ({ratio:.2f}x)" if ratio and model is not data["models"][0]
+                               else ""))  # fmt: skip
+        row += [fmt(model["meta"].get(key)) for key, _, fmt in meta]
+        errors = [r["note"] for r in cells if r["status"] == "error"]
+        rows.append((row, model["error"] or (errors[0] if errors else "")))
+    if any(note for _, note in rows):
+        headers.append("note")
+    for header in headers:
+        left = header in ("model", "note")
+        table.add_column(header, justify="left" if left else "right", no_wrap=header == "model",
+                         overflow="fold")  # fmt: skip
+    for row, note in rows:
+        table.add_row(*row, *([note] if "note" in headers else []))
+    out.print(table)
+
+
+def _maybe(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser("Compare compression pipelines on one model.")
     p.add_argument("model")
@@ -118,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="a pipeline to compare, e.g. small=simplify,fold-bn; LABEL= is the "
                    "model as it is (repeatable; default: the model and simplify)")  # fmt: skip
     args = p.parse_args(argv)
-    variants = dict(v.partition("=")[::2] for v in args.variant) or {"input": "",
-                                                                      "simplify": "simplify"}
+    variants = dict(v.partition("=")[::2] for v in args.variant) or {
+        "input": "",
+        "simplify": "simplify",
+    }
     try:
         report = run(compress(args.model, variants, data=args.data), args)
     except OnnxcompError as e:

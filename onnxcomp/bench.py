@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,11 +85,13 @@ Status = Literal["ok", "n/a", "unavailable", "error"]
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     """A model to bench: a path, or an in-memory onnx_ir model with a label. ``error`` marks a
-    candidate that could not be made (a failed pipeline): it is reported, not measured."""
+    candidate that could not be made (a failed pipeline): it is reported, not measured. ``meta``
+    is carried into the report as it is (e.g. how an external quantiser made the model)."""
 
     label: str
     model: ir.Model | str | os.PathLike | None
     error: str | None = None
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +118,7 @@ class ModelInfo:
     file_bytes: int | None = None
     external_data_bytes: int = 0
     error: str | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # the candidate's ``meta``
 
 
 @dataclasses.dataclass
@@ -457,7 +460,7 @@ def _load_all(
 ) -> list[_Loaded]:
     loaded = []
     for index, candidate in enumerate(candidates):
-        info = ModelInfo(candidate.label, None)
+        info = ModelInfo(candidate.label, None, meta=dict(candidate.meta))
         report.models.append(info)
         model = path = dataset = None
         try:

@@ -26,6 +26,8 @@ _LAZY = {
     "StaticQuantizeOptions": "onnxcomp.passes.quantize_static",
     "DynamicQuantizePass": "onnxcomp.passes.quantize_dynamic",
     "DynamicQuantizeOptions": "onnxcomp.passes.quantize_dynamic",
+    "Float16Pass": "onnxcomp.passes.fp16",
+    "Float16Options": "onnxcomp.passes.fp16",
 }
 
 __all__ = ["CompressionPass", "CompressionResult", "PassOptions", "option", *_LAZY]

@@ -1,0 +1,335 @@
+"""fp16: float16 weights and activations, fp32 graph I/O, fp32 where float16 overflows.
+
+Tolerances (ONNX Runtime CPU, basic level): on the demo models the fp16 result keeps output
+cosine >= 0.9999, max abs error <= 2e-3 * max|output| and the same top-1 accuracy on the eval
+split; weight bytes halve exactly and the file shrinks to <= 0.65x (names and shapes do not
+shrink).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import onnxcomp
+from onnxcomp.data import Dataset, load_data
+from onnxcomp.errors import UsageError
+from onnxcomp.passes import Float16Options, Float16Pass
+from tests.conftest import MODELS, run_onnx
+
+RNG = np.random.default_rng(0)
+DEMOS = [("digits_cnn", "digits"), ("tiny_encoder", "encoder")]
+
+
+def _make(nodes, inputs, outputs, inits=None, opset=18) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs],
+        [numpy_helper.from_array(a, n) for n, a in (inits or {}).items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _convert(model: onnx.ModelProto, data: dict[str, np.ndarray] | None = None, **options):
+    ir_model = ir.serde.deserialize_model(model)
+    dataset = Dataset(inputs=data) if data is not None else None
+    result = Float16Pass(Float16Options(**options), data=dataset)(ir_model)
+    proto = ir.serde.serialize_model(ir_model)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto, result
+
+
+def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
+    types.update((t.name, t.data_type) for t in model.graph.initializer)
+    return types
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _overflow_model() -> onnx.ModelProto:
+    """x[N,8] -> MatMul(w, entries 30000) -> h (|h| ~1e5 and more, beyond 65504) -> Mul(1e-4) ->
+    Relu -> y: fine in fp32, inf in fp16."""
+    return _make(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("Mul", ["h", "s"], ["hs"], name="scale"),
+            helper.make_node("Relu", ["hs"], ["y"], name="relu"),
+        ],
+        [("x", TensorProto.FLOAT, ["N", 8])],
+        [("y", TensorProto.FLOAT, ["N", 4])],
+        {"w": np.full((8, 4), 30000.0, np.float32), "s": np.array(1e-4, np.float32)},
+    )
+
+
+@pytest.mark.parametrize(("model_name", "data_name"), DEMOS)
+def test_demo_models_run_in_fp16_within_tolerance_with_fp32_io(model_name, data_name, tmp_path):
+    source = MODELS / f"{model_name}.onnx"
+    data = MODELS / f"{data_name}_eval.npz"
+    output = tmp_path / "fp16.onnx"
+    model, report = onnxcomp.optimize(source, "fp16", data=data, output=output)
+    original = onnx.load(source)
+    converted = onnx.load(output)
+    assert [(v.name, v.type) for v in converted.graph.input] == [
+        (v.name, v.type) for v in original.graph.input
+    ]
+    assert [v.type.tensor_type.elem_type for v in converted.graph.output] == [TensorProto.FLOAT]
+    assert {t.data_type for t in converted.graph.initializer} <= {
+        TensorProto.FLOAT16, TensorProto.INT64
+    }  # fmt: skip
+    stats = report.records[0].stats
+    assert stats["tensor_bytes_after"] * 2 == stats["tensor_bytes_before"] > 0
+    assert stats["nodes_kept_fp32"] == 0
+    assert output.stat().st_size <= 0.65 * source.stat().st_size
+
+    dataset = load_data(data, model)
+    feeds = dataset.inputs
+    (want,), (got,) = run_onnx(original, feeds), run_onnx(converted, feeds)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    assert _cosine(got, want) >= 0.9999
+    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+    assert np.mean(got.argmax(1) == dataset.labels) == np.mean(want.argmax(1) == dataset.labels)
+
+
+def test_keep_io_types_false_makes_graph_inputs_and_outputs_fp16():
+    converted, result = _convert(_overflow_model(), keep_io_types=False)
+    assert converted.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert converted.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert result.stats["casts_inserted"] == 0
+    x = RNG.uniform(-1, 1, (3, 8)).astype(np.float16) / 100
+    (got,) = run_onnx(converted, {"x": x})
+    assert got.dtype == np.float16
+
+
+def _fp16_arithmetic(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Run with onnx's reference evaluator, which computes float16 ops in float16 (as a GPU
+    would); ONNX Runtime's CPU provider computes most of them in float32 between Casts."""
+    return ReferenceEvaluator(model).run(None, feeds)[0]
+
+
+def test_intermediate_beyond_fp16_range_on_the_data_keeps_its_ops_fp32():
+    original = _overflow_model()
+    x = RNG.uniform(0.5, 4.0, (16, 8)).astype(np.float32)  # |h| up to 960000
+    converted, result = _convert(original, {"x": x})
+    assert result.stats["ops_kept_fp32"] == {"MatMul": 1, "Mul": 1}  # producer and consumer of h
+    types = _value_types(converted)
+    assert types["w"] == TensorProto.FLOAT and types["h"] == TensorProto.FLOAT
+    assert types["hs"] == TensorProto.FLOAT and types["hs.fp16"] == TensorProto.FLOAT16  # Relu
+    assert any("reaches" in note and "on the data" in note for note in result.notes)
+    want = run_onnx(original, {"x": x})[0]
+    for got in (run_onnx(converted, {"x": x})[0], _fp16_arithmetic(converted, {"x": x})):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=2e-3)
+
+
+def test_without_data_activations_are_not_probed_and_fp16_arithmetic_overflows():
+    converted, result = _convert(_overflow_model())
+    assert result.stats["nodes_kept_fp32"] == 0 and not result.stats["activation_probe"]
+    assert any("no data" in note for note in result.notes)
+    x = RNG.uniform(0.5, 4.0, (4, 8)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        assert np.isinf(_fp16_arithmetic(converted, {"x": x})).all()  # what the probe prevents
+
+
+def test_nan_from_a_weight_that_underflows_in_fp16_is_traced_back_and_kept_fp32():
+    # 1e-9 is below float16's smallest subnormal: x * 1e-9 becomes 0, Log(0) = -inf.
+    original = _make(
+        [
+            helper.make_node("Mul", ["x", "tiny"], ["small"], name="mul"),
+            helper.make_node("Log", ["small"], ["y"], name="log"),
+        ],
+        [("x", TensorProto.FLOAT, ["N", 4])],
+        [("y", TensorProto.FLOAT, ["N", 4])],
+        {"tiny": np.array(1e-9, np.float32)},
+    )
+    x = RNG.uniform(1, 2, (8, 4)).astype(np.float32)
+    converted, result = _convert(original, {"x": x})
+    assert result.stats["ops_kept_fp32"] == {"Log": 1, "Mul": 1}
+    (want,), (got,) = run_onnx(original, {"x": x}), run_onnx(converted, {"x": x})
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    unprobed, _ = _convert(original)
+    assert np.isneginf(run_onnx(unprobed, {"x": x})[0]).all()  # what the probe prevented
+
+
+def test_initializer_beyond_fp16_range_stays_fp32_with_its_consumers():
+    original = _make(
+        [
+            helper.make_node("Mul", ["x", "big"], ["h"], name="mul"),
+            helper.make_node("Div", ["h", "big"], ["d"], name="div"),
+            helper.make_node("Add", ["d", "b"], ["y"], name="add"),
+        ],
+        [("x", TensorProto.FLOAT, ["N", 4])],
+        [("y", TensorProto.FLOAT, ["N", 4])],
+        {"big": np.array(1e5, np.float32), "b": np.ones(4, np.float32)},
+    )
+    converted, result = _convert(original)
+    types = _value_types(converted)
+    assert types["big"] == TensorProto.FLOAT and types["b"] == TensorProto.FLOAT16
+    assert result.stats["ops_kept_fp32"] == {"Div": 1, "Mul": 1}
+    assert any("beyond float16's range (1e+05)" in note for note in result.notes)
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        run_onnx(converted, {"x": x})[0], run_onnx(original, {"x": x})[0], rtol=1e-3
+    )
+
+
+def test_keep_fp32_and_exclude_put_casts_around_the_ops_they_name():
+    original = _make(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("Softmax", ["h"], ["p"], name="softmax"),
+            helper.make_node("Add", ["p", "b"], ["q"], name="head.add"),
+            helper.make_node("Relu", ["q"], ["y"], name="relu"),
+        ],
+        [("x", TensorProto.FLOAT, ["N", 8])],
+        [("y", TensorProto.FLOAT, ["N", 4])],
+        {"w": RNG.standard_normal((8, 4)).astype(np.float32), "b": np.ones(4, np.float32)},
+    )
+    converted, result = _convert(original, keep_fp32=("Softmax",), exclude=("head.*",))
+    assert result.stats["ops_kept_fp32"] == {"Add": 1, "Softmax": 1}
+    types = _value_types(converted)
+    assert types["h"] == TensorProto.FLOAT16 and types["y"] == TensorProto.FLOAT
+    assert types["p"] == types["q"] == TensorProto.FLOAT and types["b"] == TensorProto.FLOAT
+    assert _node(converted, "softmax").input[0] == "h.fp32"
+    # x -> fp16, h -> fp32, q -> fp16, y -> fp32 (graph output)
+    assert result.stats["casts_inserted"] == 4
+    x = RNG.standard_normal((3, 8)).astype(np.float32)
+    np.testing.assert_allclose(
+        run_onnx(converted, {"x": x})[0], run_onnx(original, {"x": x})[0], atol=2e-3
+    )
+
+
+def test_constants_and_float_casts_inside_the_region_become_fp16():
+    original = _make(
+        [
+            helper.make_node(
+                "Constant",
+                [],
+                ["c"],
+                name="const",
+                value=numpy_helper.from_array(np.float32(0.5), "c"),
+            ),
+            helper.make_node("Constant", [], ["c2"], name="const2", value_floats=[1.0, 2.0]),
+            helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+            helper.make_node("ConstantOfShape", ["shape"], ["zeros"], name="zeros"),
+            helper.make_node("Cast", ["m"], ["mf"], name="cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["x", "c"], ["xc"], name="mul"),
+            helper.make_node("Add", ["xc", "zeros"], ["s"], name="add"),
+            helper.make_node("Mul", ["s", "mf"], ["sm"], name="mask"),
+            helper.make_node("Add", ["sm", "c2"], ["y"], name="add2"),
+        ],
+        [("x", TensorProto.FLOAT, ["N", 2]), ("m", TensorProto.INT64, ["N", 2])],
+        [("y", TensorProto.FLOAT, ["N", 2])],
+    )
+    converted, result = _convert(original)
+    assert helper.get_attribute_value(_node(converted, "cast").attribute[0]) == TensorProto.FLOAT16
+    for name in ("const", "const2", "zeros"):
+        (attr,) = _node(converted, name).attribute
+        assert attr.name == "value" and attr.t.data_type == TensorProto.FLOAT16
+    types = _value_types(converted)
+    assert all(types[v] == TensorProto.FLOAT16 for v in ("c", "c2", "zeros", "mf", "sm"))
+    assert result.stats["tensors_converted"] == 2 and result.stats["nodes_kept_fp32"] == 0
+    feeds = {"x": RNG.standard_normal((3, 2)).astype(np.float32),
+             "m": np.array([[1, 0], [0, 1], [1, 1]], np.int64)}  # fmt: skip
+    np.testing.assert_allclose(
+        run_onnx(converted, feeds)[0], run_onnx(original, feeds)[0], atol=2e-3
+    )
+
+
+def test_range_and_resize_scales_stay_fp32_where_the_schema_wants_float():
+    original = _make(
+        [
+            helper.make_node("Range", ["start", "limit", "delta"], ["r"], name="range"),
+            helper.make_node("Resize", ["x", "", "scales"], ["up"], name="resize", mode="nearest"),
+            helper.make_node("Add", ["up", "r"], ["y"], name="add"),
+        ],
+        [("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [("y", TensorProto.FLOAT, [1, 1, 4, 4])],
+        {
+            "start": np.array(0.0, np.float32),
+            "limit": np.array(4.0, np.float32),
+            "delta": np.array(1.0, np.float32),
+            "scales": np.array([1, 1, 2, 2], np.float32),
+        },
+    )
+    converted, result = _convert(original)
+    types = _value_types(converted)
+    assert types["scales"] == types["start"] == types["r"] == TensorProto.FLOAT
+    assert types["up"] == TensorProto.FLOAT16
+    assert result.stats["ops_kept_fp32"] == {"Range": 1}
+    assert any("does not take float16" in note for note in result.notes)
+    x = RNG.standard_normal((1, 1, 2, 2)).astype(np.float32)
+    np.testing.assert_allclose(
+        run_onnx(converted, {"x": x})[0], run_onnx(original, {"x": x})[0], atol=2e-3
+    )
+
+
+def test_if_subgraphs_stay_fp32_and_are_reported():
+    branch = lambda name, op: helper.make_graph(  # noqa: E731
+        [helper.make_node(op, ["h", "h"], [f"{name}_out"], name=f"{name}_op")],
+        name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["N", 4])],
+    )  # fmt: skip
+    original = _make(
+        [
+            helper.make_node("Relu", ["x"], ["h"], name="relu"),
+            helper.make_node(
+                "If",
+                ["flag"],
+                ["z"],
+                name="if",
+                then_branch=branch("then", "Add"),
+                else_branch=branch("else", "Mul"),
+            ),
+            helper.make_node("Add", ["z", "x"], ["y"], name="add"),
+        ],
+        [("x", TensorProto.FLOAT, ["N", 4]), ("flag", TensorProto.BOOL, [])],
+        [("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    converted, result = _convert(original)
+    assert result.stats["ops_kept_fp32"] == {"If": 1}
+    assert any("subgraph" in note for note in result.notes)
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    for flag in (True, False):
+        feeds = {"x": x, "flag": np.array(flag)}
+        np.testing.assert_allclose(
+            run_onnx(converted, feeds)[0], run_onnx(original, feeds)[0], atol=5e-3
+        )
+
+
+def test_headroom_below_one_is_rejected():
+    with pytest.raises(UsageError, match="headroom"):
+        Float16Options(headroom=0.5)
+
+
+def test_fp16_model_file_loads_in_ort_at_every_optimisation_level(tmp_path: Path):
+    import onnxruntime as ort
+
+    output = tmp_path / "enc.onnx"
+    onnxcomp.optimize(MODELS / "tiny_encoder.onnx", "fp16", output=output, check="none")
+    data = np.load(MODELS / "encoder_eval.npz")
+    feeds = {k: data[k][:4] for k in ("input_ids", "attention_mask")}
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  ort.GraphOptimizationLevel.ORT_ENABLE_ALL):  # fmt: skip
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(str(output), options, providers=["CPUExecutionProvider"])
+        assert np.isfinite(session.run(None, feeds)[0]).all()
