@@ -44,7 +44,14 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxcomp import runtime
-from onnxcomp.data import DEFAULT_OTHER_DIM, Dataset, graph_inputs, load_data, random_inputs
+from onnxcomp.data import (
+    DEFAULT_OTHER_DIM,
+    Dataset,
+    graph_inputs,
+    load_data,
+    random_inputs,
+    static_batch,
+)
 from onnxcomp.errors import OnnxcompError, UsageError
 from onnxcomp.instrument import compare_arrays, top1_accuracy
 from onnxcomp.io import external_files, load, save
@@ -294,19 +301,6 @@ def settings_grid(
     names = list(dict.fromkeys(provider_name(p) for p in providers))
     return [Setting(p, t, b) for p in names for t in dict.fromkeys(threads)
             for b in dict.fromkeys(batches)]  # fmt: skip
-
-
-def static_batch(model: ir.Model) -> int | None:
-    """The fixed leading dim when every input of rank >= 1 declares the same fixed one."""
-    dims = set()
-    for value in graph_inputs(model):
-        if value.shape is None or len(value.shape) == 0:
-            continue
-        dim = value.shape[0]
-        if not isinstance(dim, int):
-            return None
-        dims.add(dim)
-    return dims.pop() if len(dims) == 1 else None
 
 
 def make_feeds(

@@ -57,7 +57,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from onnxcomp import runtime
-from onnxcomp.data import Dataset
+from onnxcomp.data import Dataset, static_batch
 from onnxcomp.errors import OnnxcompError, UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
 
@@ -500,10 +500,7 @@ def _value_stats(model: ir.Model, data: Dataset, samples: int) -> dict[str, _Sta
 
 
 def _probe_batch(model: ir.Model) -> int:
-    for value in model.graph.inputs:
-        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
-            return max(1, value.shape[0])
-    return PROBE_BATCH
+    return static_batch(model) or PROBE_BATCH
 
 
 def _new_nonfinite_origins(
