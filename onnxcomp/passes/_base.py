@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import onnx_ir as ir
@@ -128,6 +128,12 @@ class CompressionPass(ir.passes.InPlacePass):
 
     def apply(self, model: ir.Model) -> CompressionResult:
         raise NotImplementedError
+
+
+def name_list(names: Sequence[str], shown: int = 6) -> str:
+    """``a, b, c and 4 more``: names for a report note without flooding it."""
+    text = ", ".join(names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _type_name(tp: Any) -> str:

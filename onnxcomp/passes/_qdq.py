@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp import runtime
 from onnxcomp.quant import pack
 
 INTEGER_TYPES = {
@@ -154,3 +155,43 @@ def _unique_name(graph: ir.Graph, name: str) -> str:
     while candidate in taken:
         candidate, index = f"{name}_{index}", index + 1
     return candidate
+
+
+INT8_KERNELS = frozenset(
+    {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "QLinearAdd",
+     "QLinearMul", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
+     "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "DynamicQuantizeMatMul",
+     "MatMulInteger", "ConvInteger", "QLinearWhere", "QLinearReduceMean"}
+)  # fmt: skip
+
+
+def unfused_qdq(model: ir.Model) -> dict[str, int]:
+    """What ONNX Runtime's CPU optimiser (extended level) made of the QDQ in ``model``.
+
+    ``unfused_qdq_pairs``: QuantizeLinear nodes still feeding a DequantizeLinear (float
+    fake-quantisation: pure overhead); ``ort_quantize`` / ``ort_dequantize``: standalone
+    conversions left at float/int8 boundaries (DequantizeLinear of constants not counted);
+    ``ort_weight_dequantize``: weights still dequantized at run time; ``ort_int8_kernels``:
+    integer kernels (QLinearConv, QGemm, MatMulIntegerToFloat, ...).
+    """
+    optimized = runtime.optimized_model(model, level="extended")
+    pairs = quantize = dequantize = weight_dq = kernels = 0
+    for node in optimized.graph:
+        op = node.op_type
+        if op in INT8_KERNELS:
+            kernels += 1
+        elif op == "QuantizeLinear":
+            quantize += 1
+            pairs += sum(1 for n, _ in node.outputs[0].uses() if n.op_type == "DequantizeLinear")
+        elif op == "DequantizeLinear":
+            if node.inputs[0] is not None and node.inputs[0].const_value is not None:
+                weight_dq += 1
+            else:
+                dequantize += 1
+    return {
+        "unfused_qdq_pairs": pairs,
+        "ort_quantize": quantize,
+        "ort_dequantize": dequantize,
+        "ort_weight_dequantize": weight_dq,
+        "ort_int8_kernels": kernels,
+    }

@@ -19,6 +19,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from onnxcomp.passes._base import name_list
+
 # op type -> input indices that carry weights
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "Conv": (1,),
@@ -132,9 +134,25 @@ def find_weights(
     return weights, skipped
 
 
-def lift_constant_weights(model: ir.Model) -> None:
-    """Turn weights held in Constant nodes into initializers, so :func:`find_weights` sees them."""
+def lift_constant_weights(model: ir.Model) -> int:
+    """Turn tensors held in Constant nodes of the main graph into initializers, so
+    :func:`find_weights` sees them as weights; returns how many were lifted."""
+    before = sum(1 for n in model.graph if n.op_type == "Constant")
+    if not before:
+        return 0
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    return before - sum(1 for n in model.graph if n.op_type == "Constant")
+
+
+def describe_skips(skipped: Sequence[Skipped], kept: str = "in float") -> list[str]:
+    """One report note per reason: ``kept 3 weights in float (reason): a, b, c``."""
+    by_reason: dict[str, list[str]] = {}
+    for skip in skipped:
+        by_reason.setdefault(skip.reason, []).append(skip.name)
+    return [
+        f"kept {len(names)} weights {kept} ({reason}): {name_list(names)}"
+        for reason, names in by_reason.items()
+    ]
 
 
 def matches(patterns: Sequence[str], *names: str | None) -> bool:

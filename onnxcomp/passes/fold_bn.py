@@ -26,6 +26,7 @@ from onnxscript.rewriter.rules.common import (
 from onnxcomp.errors import UnsupportedModelError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions
 from onnxcomp.passes._opset import onnx_opset
+from onnxcomp.passes._weights import lift_constant_weights
 from onnxcomp.passes.simplify import folding_hazard
 
 BN_EPSILON_DEFAULT = 1e-5
@@ -65,9 +66,7 @@ class FoldBatchNormPass(CompressionPass):
             # (unless folding is known to break this model, see simplify.folding_hazard).
             if folding_hazard(model) is None:
                 onnxscript.optimizer.fold_constants(model)
-            common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(
-                model
-            )
+            lift_constant_weights(model)
         folded = _RULES.apply_to_model(model) if before else 0
         common_passes.RemoveUnusedNodesPass()(model)
         left = _batchnorms(model)

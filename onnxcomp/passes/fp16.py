@@ -59,14 +59,19 @@ from onnx_ir.passes import common as common_passes
 from onnxcomp import runtime
 from onnxcomp.data import Dataset, static_batch
 from onnxcomp.errors import OnnxcompError, UsageError
-from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
+from onnxcomp.passes._base import (
+    CompressionPass,
+    CompressionResult,
+    PassOptions,
+    name_list,
+    option,
+)
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
 HALF_TYPE = "tensor(float16)"
 PROBE_BATCH = 8
 PROBE_ROUNDS = 4
-NAMES_SHOWN = 6
 REMAINING_NONFINITE = "new NaN/Inf may remain on the probe data; see the numeric check"
 # Ops whose output type comes from an attribute, which the rewrite points at float16.
 _DTYPE_DEFAULT_FLOAT = {"RandomNormal", "RandomUniform"}
@@ -546,7 +551,7 @@ def _kept_notes(kept: dict[ir.Node, str]) -> list[str]:
     by_reason: dict[str, list[str]] = defaultdict(list)
     for node, reason in kept.items():
         by_reason[reason].append(f"{node.name} ({node.op_type})")
-    return [f"kept {len(names)} ops in fp32 ({reason}): {_names(names)}"
+    return [f"kept {len(names)} ops in fp32 ({reason}): {name_list(names)}"
             for reason, names in by_reason.items()]  # fmt: skip
 
 
@@ -556,8 +561,3 @@ def _subgraph_notes(model: ir.Model) -> list[str]:
     if not count:
         return []
     return [f"{count} subgraph attributes (If/Loop/Scan bodies) were left in fp32"]
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:NAMES_SHOWN])
-    return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")

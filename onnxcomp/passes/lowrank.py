@@ -29,11 +29,16 @@ import onnx_ir as ir
 
 from onnxcomp import factor
 from onnxcomp.errors import UsageError
-from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
+from onnxcomp.passes._base import (
+    CompressionPass,
+    CompressionResult,
+    PassOptions,
+    name_list,
+    option,
+)
 from onnxcomp.passes._weights import Weight, find_weights
 
 FACTORABLE_OPS = ("Gemm", "MatMul", "Conv")
-NAMES_SHOWN = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +121,7 @@ class LowRankPass(CompressionPass):
                 "energy": round(factors.energy, 5),
             }
         for reason, names in kept.items():
-            notes.append(f"kept {len(names)} weights dense ({reason}): {_names(names)}")
+            notes.append(f"kept {len(names)} weights dense ({reason}): {name_list(names)}")
         if not weights:
             notes.append(f"no {'/'.join(o.op_types)} weights to factor")
         stats = {
@@ -221,11 +226,6 @@ def _quantized_notes(model: ir.Model, op_types: tuple[str, ...]) -> list[str]:
     if not names:
         return []
     return [
-        f"kept {len(names)} quantised weights (DequantizeLinear) as they are: {_names(names)}; "
+        f"kept {len(names)} quantised weights (DequantizeLinear) as they are: {name_list(names)}; "
         "run lowrank before quantisation"
     ]
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:NAMES_SHOWN])
-    return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")

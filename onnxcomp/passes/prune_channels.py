@@ -43,7 +43,7 @@ from onnxcomp.analysis.channels import (
 )
 from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
-from onnxcomp.passes._weights import matches
+from onnxcomp.passes._weights import lift_constant_weights, matches
 
 if TYPE_CHECKING:
     from onnxcomp.data import Dataset
@@ -98,9 +98,7 @@ class ChannelPrunePass(CompressionPass):
 
     def apply(self, model: ir.Model) -> CompressionResult:
         o = self.options
-        lifted = common_passes.LiftConstantsToInitializersPass(
-            lift_all_constants=True, size_limit=0
-        )(model).modified
+        lifted = lift_constant_weights(model) > 0
         common_passes.TopologicalSortPass()(model)
         common_passes.NameFixPass()(model)
         common_passes.ShapeInferencePass()(model)

@@ -27,16 +27,28 @@ from onnx_ir.passes import common as common_passes
 
 from onnxcomp import quant
 from onnxcomp.errors import UsageError
-from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
+from onnxcomp.passes._base import (
+    CompressionPass,
+    CompressionResult,
+    PassOptions,
+    name_list,
+    option,
+)
 from onnxcomp.passes._opset import upgrade_opset
 from onnxcomp.passes._qdq import add_dequantized_weight, quantized_weight_count
-from onnxcomp.passes._weights import WEIGHT_INPUTS, Skipped, Weight, find_weights
+from onnxcomp.passes._weights import (
+    WEIGHT_INPUTS,
+    Skipped,
+    Weight,
+    describe_skips,
+    find_weights,
+    lift_constant_weights,
+)
 
 # The scale carries the weight's dtype (DequantizeLinear's output dtype is the scale's).
 SCALE_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 # Lowest opsets: per-axis DequantizeLinear, float16/bfloat16 scales, blocked scales + INT4, INT2.
 OPSET_PER_AXIS, OPSET_HALF_SCALES, OPSET_BLOCKED, OPSET_INT2 = 13, 19, 21, 25
-NAMES_SHOWN = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +125,7 @@ class WeightQuantizePass(CompressionPass):
     def apply(self, model: ir.Model) -> CompressionResult:
         options = self._options
         notes: list[str] = []
-        lifted = _lift_constant_nodes(model)
+        lifted = lift_constant_weights(model)
         if lifted:
             notes.append(f"lifted {lifted} Constant nodes to initializers (weights may sit there)")
         already = quantized_weight_count(model)
@@ -142,8 +154,8 @@ class WeightQuantizePass(CompressionPass):
             common_passes.TopologicalSortPass()(model)
 
         for reason, names in fallbacks.items():
-            notes.append(f"{reason} for {len(names)} weights: {_names(names)}")
-        notes.extend(_group_skips(skipped))
+            notes.append(f"{reason} for {len(names)} weights: {name_list(names)}")
+        notes.extend(describe_skips(skipped))
         if weights and options.scheme != "linear":
             notes.append(
                 f"{options.scheme} weights lose accuracy without fine-tuning; "
@@ -278,26 +290,3 @@ def _input_axis(node: ir.Node, rank: int) -> int | None:
     if node.op_type == "Gather":
         return 1 if node.attributes.get_int("axis", 0) == 0 and rank == 2 else None
     return None
-
-
-def _lift_constant_nodes(model: ir.Model) -> int:
-    before = sum(1 for n in model.graph if n.op_type == "Constant")
-    if not before:
-        return 0
-    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    return before - sum(1 for n in model.graph if n.op_type == "Constant")
-
-
-def _group_skips(skipped: list[Skipped]) -> list[str]:
-    by_reason: dict[str, list[str]] = defaultdict(list)
-    for skip in skipped:
-        by_reason[skip.reason].append(skip.name)
-    return [
-        f"kept {len(names)} weights in float ({reason}): {_names(names)}"
-        for reason, names in by_reason.items()
-    ]
-
-
-def _names(names: list[str]) -> str:
-    shown = ", ".join(names[:NAMES_SHOWN])
-    return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")

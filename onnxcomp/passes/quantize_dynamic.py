@@ -32,10 +32,14 @@ from onnxcomp import quant
 from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
 from onnxcomp.passes._opset import upgrade_opset
-from onnxcomp.passes._qdq import integer_tensor, is_quantized
-from onnxcomp.passes._weights import Skipped, Weight, find_weights
-from onnxcomp.passes.quantize import _group_skips
-from onnxcomp.passes.quantize_static import _lift_constant_nodes, unfused_qdq
+from onnxcomp.passes._qdq import integer_tensor, is_quantized, unfused_qdq
+from onnxcomp.passes._weights import (
+    Skipped,
+    Weight,
+    describe_skips,
+    find_weights,
+    lift_constant_weights,
+)
 
 OPSET_DYNAMIC = 11  # DynamicQuantizeLinear
 DYNAMIC_OPS = ("MatMul", "Gemm", "Conv")
@@ -82,7 +86,7 @@ class DynamicQuantizePass(CompressionPass):
         if already:
             notes.append(f"the model is already quantised ({', '.join(already)}); left it alone")
             return CompressionResult(model, False, stats={"weights_quantized": 0}, notes=notes)
-        lifted = _lift_constant_nodes(model)
+        lifted = lift_constant_weights(model)
         if lifted:
             notes.append(f"lifted {lifted} Constant nodes to initializers (weights may sit there)")
         weights, skipped = self._find(model)
@@ -104,7 +108,7 @@ class DynamicQuantizePass(CompressionPass):
             common_passes.TopologicalSortPass()(model)
         else:
             notes.append("no MatMul/Gemm weights to quantise")
-        notes.extend(_group_skips(skipped))
+        notes.extend(describe_skips(skipped))
         stats = {
             "weights_quantized": len(weights),
             "weights_skipped": len(skipped),

@@ -51,9 +51,20 @@ from onnxcomp.data import Dataset, static_batch
 from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
 from onnxcomp.passes._opset import upgrade_opset
-from onnxcomp.passes._qdq import add_dequantized_weight, add_quantize_dequantize, is_quantized
-from onnxcomp.passes._weights import Skipped, Weight, find_weights, matches
-from onnxcomp.passes.quantize import _group_skips
+from onnxcomp.passes._qdq import (
+    add_dequantized_weight,
+    add_quantize_dequantize,
+    is_quantized,
+    unfused_qdq,
+)
+from onnxcomp.passes._weights import (
+    Skipped,
+    Weight,
+    describe_skips,
+    find_weights,
+    lift_constant_weights,
+    matches,
+)
 from onnxcomp.quant import calibrate
 
 OPSET_QDQ = 13  # per-axis QuantizeLinear / DequantizeLinear
@@ -70,12 +81,6 @@ FLOAT_FUSED_ACTIVATIONS = frozenset(
     {"HardSwish", "HardSigmoid", "Tanh", "Elu", "Selu", "Softplus", "Mish", "Gelu"}
 )
 MAX_CALIBRATION_BATCH = 16
-INT8_KERNELS = frozenset(
-    {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "QLinearAdd",
-     "QLinearMul", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
-     "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "DynamicQuantizeMatMul",
-     "MatMulInteger", "ConvInteger", "QLinearWhere", "QLinearReduceMean"}
-)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +163,7 @@ class StaticQuantizePass(CompressionPass):
         if already:
             notes.append(f"the model is already quantised ({', '.join(already)}); left it alone")
             return CompressionResult(model, False, stats={"weights_quantized": 0}, notes=notes)
-        lifted = _lift_constant_nodes(model)
+        lifted = lift_constant_weights(model)
         if lifted:
             notes.append(f"lifted {lifted} Constant nodes to initializers (weights may sit there)")
         notes.extend(upgrade_opset(model, OPSET_QDQ, why="per-channel QuantizeLinear"))
@@ -193,7 +198,7 @@ class StaticQuantizePass(CompressionPass):
         self._insert_qdq(model.graph, plan, params)
         common_passes.TopologicalSortPass()(model)
 
-        notes.extend(_group_skips(skipped))
+        notes.extend(describe_skips(skipped))
         float_ops = Counter(
             n.op_type for n in model.graph if n.op_type in INT8_OPS and n not in plan.nodes
         )
@@ -492,38 +497,6 @@ class StaticQuantizePass(CompressionPass):
                     node.replace_input_with(index, dq)
 
 
-def unfused_qdq(model: ir.Model) -> dict[str, int]:
-    """What ONNX Runtime's CPU optimiser (extended level) made of the QDQ in ``model``.
-
-    ``unfused_qdq_pairs``: QuantizeLinear nodes still feeding a DequantizeLinear (float
-    fake-quantisation: pure overhead); ``ort_quantize`` / ``ort_dequantize``: standalone
-    conversions left at float/int8 boundaries (DequantizeLinear of constants not counted);
-    ``ort_weight_dequantize``: weights still dequantized at run time; ``ort_int8_kernels``:
-    integer kernels (QLinearConv, QGemm, MatMulIntegerToFloat, ...).
-    """
-    optimized = runtime.optimized_model(model, level="extended")
-    pairs = quantize = dequantize = weight_dq = kernels = 0
-    for node in optimized.graph:
-        op = node.op_type
-        if op in INT8_KERNELS:
-            kernels += 1
-        elif op == "QuantizeLinear":
-            quantize += 1
-            pairs += sum(1 for n, _ in node.outputs[0].uses() if n.op_type == "DequantizeLinear")
-        elif op == "DequantizeLinear":
-            if node.inputs[0] is not None and node.inputs[0].const_value is not None:
-                weight_dq += 1
-            else:
-                dequantize += 1
-    return {
-        "unfused_qdq_pairs": pairs,
-        "ort_quantize": quantize,
-        "ort_dequantize": dequantize,
-        "ort_weight_dequantize": weight_dq,
-        "ort_int8_kernels": kernels,
-    }
-
-
 def _calibration_batches(
     model: ir.Model, data: Dataset, samples: int, trim: bool
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -641,12 +614,5 @@ def _name_values(graph: ir.Graph) -> None:
                 index += 1
 
 
-def _lift_constant_nodes(model: ir.Model) -> int:
-    before = sum(1 for n in model.graph if n.op_type == "Constant")
-    if not before:
-        return 0
-    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    return before - sum(1 for n in model.graph if n.op_type == "Constant")
 
-
-__all__ = ["StaticQuantizeOptions", "StaticQuantizePass", "unfused_qdq"]
+__all__ = ["StaticQuantizeOptions", "StaticQuantizePass"]

@@ -21,6 +21,7 @@ from onnx_ir.passes import common as common_passes
 from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
 from onnxcomp.passes._opset import onnx_opset
+from onnxcomp.passes._weights import lift_constant_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +62,7 @@ class SimplifyPass(CompressionPass):
                 input_size_limit=options.fold_limit,
             )
         else:
-            common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(
-                model
-            )
+            lift_constant_weights(model)
         common_passes.DeduplicateHashedInitializersPass()(model)
         common_passes.RemoveUnusedNodesPass()(model)
         counts_after = _counts(model)
