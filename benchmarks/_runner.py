@@ -198,6 +198,12 @@ def print_summary(
     out.print(table)
 
 
+def wide_console(width: int = 180) -> Console:
+    """The report's console, wide enough for one line per variant when output is not a tty."""
+    out = console()
+    return out if out.is_terminal else Console(width=max(out.width, width))
+
+
 def _maybe(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-from _runner import bench, parser, print_summary
+from _runner import bench, parser, print_summary, wide_console
 
 import onnxcomp
 from onnxcomp.analysis.summary import summarize
@@ -87,7 +87,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model_file, calib, evaluation = (MODELS / f for f in DEMOS[name])
     out = console()
     candidates = [candidate("fp32", onnxcomp.load(model_file))]
-    notes = []
+    notes: dict[str, list[str]] = {}  # note -> the variants it applies to
     for label, pipeline in variants().items():
         out.print(f"{name}: {pipeline} ...", highlight=False)
         started = time.perf_counter()
@@ -97,9 +97,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             candidates.append(Candidate(label, None, error=str(e)))
             continue
         candidates.append(candidate(label, pruned, time.perf_counter() - started))
-        notes += [f"{label}: {note}" for r in report.records for note in r.notes[:2]]
+        for note in (n for r in report.records for n in r.notes):
+            notes.setdefault(note, []).append(label)
     report = bench(candidates, args, data=evaluation).to_dict()
-    report["notes"] = notes + report["notes"]
+    pass_notes = [f"{', '.join(labels)}: {note}" for note, labels in notes.items()]
+    report["notes"] = pass_notes + report["notes"]
     return report
 
 
@@ -113,7 +115,7 @@ META_COLUMNS = [
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     reports = {}
-    out = console()
+    out = wide_console()
     for name in args.models.split(","):
         reports[name] = bench_model(name, args)
         title = f"{name}: top-1 / cosine vs fp32 on {DEMOS[name][2]}; p50 = median ms, ORT CPU"

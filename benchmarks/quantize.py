@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _runner import bench, parser, print_summary
-from rich.console import Console
+from _runner import bench, parser, print_summary, wide_console
 
 from onnxcomp import registry
 from onnxcomp.bench import Candidate
@@ -321,14 +320,8 @@ LEGEND = (
 )
 
 
-def wide_console() -> Console:
-    """The report's console, wide enough for one line per variant when output is not a tty."""
-    out = console()
-    return out if out.is_terminal else Console(width=max(out.width, SUMMARY_WIDTH))
-
-
 def print_report(name: str, report: dict[str, Any], detail: bool) -> None:
-    out = wide_console()
+    out = wide_console(SUMMARY_WIDTH)
     if detail:
         print_bench(report, out)
     data = report["config"].get("data")
