@@ -56,12 +56,12 @@ def add_dequantized_weight(
     the new initializers take. The node is appended: sort the graph afterwards.
     """
     inputs = [
-        _initializer(graph, f"{name}_quantized", integer_tensor(codes, bits, "")),
-        _initializer(graph, f"{name}_scale", ir.tensor(scale)),
+        add_initializer(graph, f"{name}_quantized", integer_tensor(codes, bits, "")),
+        add_initializer(graph, f"{name}_scale", ir.tensor(scale)),
     ]
     if zero_point is not None:
         inputs.append(
-            _initializer(graph, f"{name}_zero_point", integer_tensor(zero_point, bits, ""))
+            add_initializer(graph, f"{name}_zero_point", integer_tensor(zero_point, bits, ""))
         )
     attributes: dict[str, int] = {}
     if axis is not None:
@@ -90,8 +90,8 @@ def add_quantize_dequantize(
     ``zero_point`` (an activation's QDQ pair, codes of ``dtype``: INT8 or UINT8); returns the
     dequantized value. The caller rewires the consumers. The nodes are appended: sort the graph
     afterwards."""
-    scale_value = _initializer(graph, f"{name}_scale", ir.tensor(np.float32(scale)))
-    zero_value = _initializer(
+    scale_value = add_initializer(graph, f"{name}_scale", ir.tensor(np.float32(scale)))
+    zero_value = add_initializer(
         graph, f"{name}_zero_point", ir.tensor(np.array(zero_point, dtype=dtype.numpy()))
     )
     quantize = ir.node(
@@ -107,6 +107,28 @@ def add_quantize_dequantize(
     output.name, output.dtype, output.shape = f"{name}_dequantized", ir.DataType.FLOAT, value.shape
     graph.append(quantize)
     graph.append(dequantize)
+    return output
+
+
+def add_rescaled_dequantize(
+    graph: ir.Graph, dequantized: ir.Value, factor: float, *, name: str
+) -> ir.Value:
+    """A second DequantizeLinear of the codes behind ``dequantized`` (the output of an
+    activation's QDQ pair from :func:`add_quantize_dequantize`), with its scale times
+    ``factor``: ``x * factor`` at no cost, since integer kernels read the codes directly."""
+    source = dequantized.producer()
+    assert source is not None and source.op_type == "DequantizeLinear"
+    quantized, scale, zero_point = source.inputs[:3]
+    assert quantized is not None and scale is not None and scale.const_value is not None
+    new_scale = np.asarray(scale.const_value.numpy() * np.float32(factor), dtype=np.float32)
+    scale_value = add_initializer(graph, f"{name}_scale", ir.tensor(new_scale))
+    node = ir.node(
+        "DequantizeLinear", [quantized, scale_value, zero_point], name=f"{name}_dequantize"
+    )
+    output = node.outputs[0]
+    output.name, output.dtype = f"{name}_dequantized", dequantized.dtype
+    output.shape = dequantized.shape
+    graph.append(node)
     return output
 
 
@@ -136,7 +158,8 @@ def quantized_weight_count(model: ir.Model) -> int:
     return count
 
 
-def _initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register ``tensor`` as an initializer of ``graph`` under ``name`` (made unique)."""
     name = _unique_name(graph, name)
     tensor.name = name
     value = ir.Value(

@@ -1,12 +1,14 @@
 """Finding the weights a pass may rewrite, and rewiring their consumers: shared by all passes.
 
 A *weight* is a constant float initializer consumed as the weight input of a Conv,
-ConvTranspose, Gemm, MatMul or Gather (embedding table). One :class:`Weight` is returned per
-tensor, with every consumer, so a tensor shared by two nodes (tied embeddings, a reused
-projection) is rewritten once and both consumers are rewired. Anything that looks like a
-weight but is not returned comes back as a :class:`Skipped` with the reason, so passes can
-report it instead of skipping it silently. Run ``simplify`` (or lift Constant nodes) first
-for weights held in Constant nodes; :func:`lift_constant_weights` does that.
+ConvTranspose, Gemm, MatMul or Gather (embedding table), or, when a pass asks for ``Slice``,
+a float table of rank >= 2 read through Slice (a position table ``pos_emb[:seq]``). One
+:class:`Weight` is returned per tensor, with every consumer, so a tensor shared by two nodes
+(tied embeddings, a reused projection) is rewritten once and both consumers are rewired.
+Anything that looks like a weight but is not returned comes back as a :class:`Skipped` with
+the reason, so passes can report it instead of skipping it silently. Run ``simplify`` (or
+lift Constant nodes) first for weights held in Constant nodes; :func:`lift_constant_weights`
+does that.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "Gemm": (1,),
     "MatMul": (1,),
     "Gather": (0,),
+    "Slice": (0,),
 }
-DEFAULT_OPS = tuple(WEIGHT_INPUTS)
+# What find_weights looks at unless told otherwise: Slice tables only on request (the
+# quantisation passes), so pruning and low-rank passes never see them.
+DEFAULT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +125,8 @@ def find_weights(
             value = node.inputs[index]
             if value is None or value.const_value is None or not value.is_initializer():
                 continue  # an activation, not a weight
+            if node.op_type == "Slice" and not _is_table(value.const_value):
+                continue  # shapes, index lists: not weight-like
             found.setdefault(value, []).append(
                 WeightUse(node, index, _channel_axis(node, value.const_value))
             )
@@ -172,7 +179,16 @@ def _channel_axis(node: ir.Node, tensor: ir.TensorProtocol) -> int | None:
         return rank - 1 if rank >= 2 else None
     if node.op_type == "Gather":
         return 0 if node.attributes.get_int("axis", 0) == 0 and rank == 2 else None
+    if node.op_type == "Slice":
+        # DequantizeLinear runs before the Slice, so any axis is valid; rows (positions) of
+        # the table, like an embedding's, each get their own scale.
+        return rank - 2
     return None
+
+
+def _is_table(tensor: ir.TensorProtocol) -> bool:
+    """A float tensor of rank >= 2: what a Slice reads as a weight table."""
+    return tensor.dtype.is_floating_point() and len(tensor.shape) >= 2
 
 
 def _skip_reason(
@@ -204,6 +220,8 @@ def _subgraph_weights(model: ir.Model, op_types: Collection[str]) -> list[Skippe
             for index in WEIGHT_INPUTS.get(node.op_type, ()):
                 if node.op_type in op_types and index < len(node.inputs):
                     value = node.inputs[index]
-                    if value is not None and value.const_value is not None:
+                    if value is None or value.const_value is None:
+                        continue
+                    if node.op_type != "Slice" or _is_table(value.const_value):
                         skipped.append(Skipped(value.name or "?", "inside an If/Loop/Scan body"))
     return skipped

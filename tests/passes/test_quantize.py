@@ -415,7 +415,7 @@ def test_demo_models_quantise_and_run_in_plain_onnxruntime(tmp_path, demo, passe
     )
     float_2d = [t.name for t in saved.graph.initializer if t.name not in dq_inputs
                 and t.data_type == TensorProto.FLOAT and len(t.dims) >= 2]  # fmt: skip
-    assert float_2d == (["pos_emb.weight"] if demo == "encoder" else [])  # read by Slice
+    assert float_2d == []  # the encoder's pos_emb.weight, read by Slice, included
     (diff,) = record.check
     if passes == "int8":
         assert abs(record.accuracy - report.accuracy_before) <= 0.001 and diff.cosine > 0.9999
@@ -423,3 +423,46 @@ def test_demo_models_quantise_and_run_in_plain_onnxruntime(tmp_path, demo, passe
         assert diff.cosine >= 0.98 and record.accuracy >= report.accuracy_before - 0.02
     else:
         assert record.accuracy is not None  # reported; recovering it is distillation's job
+
+
+def _position_table_model() -> onnx.ModelProto:
+    """ids[N, L] -> Gather(tok) + Slice(pos)[:L] -> MatMul(w) -> y: a position table read
+    through Slice (``pos_emb.weight[:seq]``), as exported transformers have it."""
+    return _make(
+        [
+            helper.make_node("Gather", ["tok", "ids"], ["e"], name="embed"),
+            helper.make_node("Shape", ["ids"], ["seq"], start=1, end=2),
+            helper.make_node("Slice", ["pos", "zero", "seq", "zero"], ["p"], name="positions"),
+            helper.make_node("Add", ["e", "p"], ["h"]),
+            helper.make_node("MatMul", ["h", "w"], ["y"], name="proj"),
+        ],
+        [("ids", TensorProto.INT64, ["N", "L"])],
+        ["y"],
+        {
+            "tok": RNG.standard_normal((16, 32)).astype(np.float32),
+            "pos": RNG.standard_normal((24, 32)).astype(np.float32),
+            "w": RNG.standard_normal((32, 8)).astype(np.float32) / 6,
+            "zero": np.zeros(1, np.int64),
+        },
+    )
+
+
+@pytest.mark.parametrize(("bits", "axis", "block_size"), [(8, 0, 0), (4, 1, 32)])
+def test_position_table_read_by_slice_is_quantised_per_row(bits, axis, block_size):
+    original = _position_table_model()
+    quantized, result = _quantize(original, bits=bits, block_size=block_size)
+    assert result.stats["weights_quantized"] == 3 and result.stats["weights_skipped"] == 0
+    dq = _weight_dq(quantized, "positions", 0)
+    codes = _initializers(quantized)[dq.input[0]]
+    assert codes.dims == [24, 32] and {a.name: a.i for a in dq.attribute}["axis"] == axis
+    assert "pos" not in _initializers(quantized)
+    ids = RNG.integers(0, 16, (4, 10))
+    (want,), (got,) = run_onnx(original, {"ids": ids}), run_onnx(quantized, {"ids": ids})
+    limit = 0.02 if bits == 8 else 0.2
+    assert np.abs(got - want).max() <= limit * np.abs(want).max()
+
+
+def test_include_embeddings_false_keeps_the_slice_table_float_too():
+    quantized, result = _quantize(_position_table_model(), include_embeddings=False)
+    assert {"tok", "pos"} <= _initializers(quantized).keys()
+    assert any("include_embeddings=false" in n and "pos" in n for n in result.notes)

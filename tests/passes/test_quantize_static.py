@@ -260,3 +260,73 @@ def test_cli_without_data_or_with_wrong_data_fails_with_one_line(tmp_path: Path)
                 "-o", str(tmp_path / "b.onnx"))  # fmt: skip
     assert done.returncode == 1 and "does not match the model's inputs" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def _mbv3() -> tuple[ir.Model, Dataset, np.ndarray]:
+    model = onnxcomp.load(MODELS / "mbv3_block.onnx")
+    calib = load_data(MODELS / "mbv3_block_calib.npz", model)
+    x = np.random.default_rng(5).standard_normal((8, 3, 56, 56)).astype(np.float32)
+    return model, calib, x
+
+
+def test_hard_activations_int8_puts_every_conv_and_hardswish_in_integer_kernels():
+    model, calib, x = _mbv3()
+    options = StaticQuantizeOptions(hard_activations="int8")
+    stats = StaticQuantizePass(options, data=calib)(model).stats
+    # 7 HardSwish + 3 HardSigmoid: QLinearAdd (+ QLinearMul); the scalar Mul is a DQ scale
+    assert stats["hard_activations_int8"] == 10 and stats["nodes_quantized"]["Conv"] == 16
+    assert stats["unfused_qdq_pairs"] == 0 and stats["ort_quantize"] == 1  # only the input
+    proto = ir.serde.serialize_model(model)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    assert ops["HardSwish"] == ops["HardSigmoid"] == 0 and ops["Clip"] == 10
+    scalar_muls = [n for n in proto.graph.node if n.op_type == "Mul"
+                   and any(i.endswith("_alpha") for i in n.input)]  # fmt: skip
+    assert not scalar_muls
+    (want,) = run_onnx(MODELS / "mbv3_block.onnx", {"input": x})
+    (got,) = run_onnx(proto, {"input": x})
+    assert _cosine(got, want) > 0.999  # 0.9994 on these inputs
+
+
+def test_hard_activations_float_keeps_convs_next_to_hardswish_float():
+    model, calib, _ = _mbv3()
+    stats = StaticQuantizePass(data=calib)(model).stats
+    assert stats["hard_activations_int8"] == 0 and stats["nodes_quantized"]["Conv"] == 1
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["HardSwish"] == 7 and ops["HardSigmoid"] == 3
+
+
+def test_hardswish_outside_an_int8_region_is_put_back_as_one_node():
+    model, calib, x = _mbv3()
+    options = StaticQuantizeOptions(hard_activations="int8", exclude=("block1*",))
+    stats = StaticQuantizePass(options, data=calib)(model).stats
+    ops = Counter(n.op_type for n in model.graph)
+    assert stats["hard_activations_int8"] == 6  # blocks 0 and 2 (stem: its output meets block 1)
+    assert ops["HardSwish"] == 3 and ops["HardSigmoid"] == 1 and ops["Clip"] == 6
+    assert all(n.op_type != "Clip" for n in model.graph if n.name.startswith("block1"))
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    (want,) = run_onnx(MODELS / "mbv3_block.onnx", {"input": x})
+    (got,) = run_onnx(proto, {"input": x})
+    assert _cosine(got, want) > 0.999
+
+
+def test_search_times_both_placements_and_keeps_the_faster():
+    model, calib, _ = _mbv3()
+    options = StaticQuantizeOptions(search=True, search_batch=2, search_seconds=0.3)
+    result = StaticQuantizePass(options, data=calib)(model)
+    stats = result.stats
+    timings = stats["search_ms"]
+    assert set(timings) == {"float", "int8"} and stats["search_batch"] == 2
+    chosen = min(timings, key=timings.get)
+    assert (stats["hard_activations_int8"] > 0) == (chosen == "int8")
+    assert any(f"search: hard_activations={chosen}" in n for n in result.notes)
+    assert stats["search_seconds"] < 5
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [({"hard_activations": "fp16"}, "hard_activations"), ({"search_batch": -1}, "search_batch")],
+)
+def test_bad_search_options_are_usage_errors(values, message):
+    with pytest.raises(UsageError, match=message):
+        StaticQuantizeOptions(**values).validate()

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcomp.passes import MagnitudePruneOptions, MagnitudePrunePass
 from onnxcomp.passes._weights import find_weights
 
 
@@ -70,3 +71,46 @@ def test_replace_rewires_every_consumer():
         "shared_q",
         "shared_q",
     ]
+
+
+def _sliced_table_model() -> ir.Model:
+    """A float position table and an int64 constant, both read through Slice, and a MatMul."""
+    inits = [
+        numpy_helper.from_array(np.arange(48, dtype=np.float32).reshape(12, 4), "pos"),
+        numpy_helper.from_array(np.arange(6, dtype=np.int64), "shape_like"),
+        numpy_helper.from_array(np.ones((4, 4), np.float32), "w"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([3], np.int64), "three"),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["pos", "zero", "three", "zero"], ["p"], name="rows"),
+        helper.make_node("Slice", ["shape_like", "zero", "three"], ["s"], name="dims"),
+        helper.make_node("MatMul", ["p", "w"], ["y"], name="mm"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("s", TensorProto.INT64, None)],
+        inits,
+    )  # fmt: skip
+    return ir.serde.deserialize_model(helper.make_model(graph))
+
+
+def test_slice_table_is_a_weight_only_when_slice_is_asked_for():
+    weights, skipped = find_weights(_sliced_table_model())
+    assert [w.name for w in weights] == ["w"] and not skipped  # default: no Slice
+    weights, skipped = find_weights(_sliced_table_model(), ("MatMul", "Slice"))
+    by_name = {w.name: w for w in weights}
+    assert sorted(by_name) == ["pos", "w"] and not skipped  # the int64 Slice input is no weight
+    assert by_name["pos"].channel_axis == 0 and by_name["pos"].op_types == {"Slice"}
+
+
+def test_pruning_leaves_slice_tables_alone():
+    model = _sliced_table_model()
+    before = model.graph.initializers["pos"].const_value.numpy().copy()
+    options = MagnitudePruneOptions(sparsity=0.9, skip_first=False, skip_last=False)
+    MagnitudePrunePass(options)(model)
+    np.testing.assert_array_equal(model.graph.initializers["pos"].const_value.numpy(), before)
+    assert (model.graph.initializers["w"].const_value.numpy() == 0).mean() >= 0.5
