@@ -102,6 +102,30 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--plot", help="write a PNG: the per-pass trail of an optimize report, "
                         "latency vs size of a bench report (needs matplotlib)")
     report.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    from onnxcomp.passes.distill import DistillOptions
+
+    distill = commands.add_parser(
+        "distill", help="train a smaller student model to mimic a teacher model",
+        description="Train --student (an ONNX model with the teacher's input and output names, "
+        "or a torch module given as module:Class) against the teacher on --data; write the "
+        "trained student. Under torchrun --nproc_per_node N it trains with "
+        "DistributedDataParallel and rank 0 writes. Options as in the distill pass.",
+    )  # fmt: skip
+    distill.add_argument("teacher", help="the teacher .onnx (never modified)")
+    distill.add_argument("--student", required=True,
+                         help="student .onnx, or a torch module as module:Class or file.py:Class")
+    distill.add_argument("--student-args", metavar="JSON",
+                         help="constructor arguments of a module:Class student, a JSON object")
+    distill.add_argument("--data", help=".npz of training inputs keyed by the teacher's input "
+                         "names (+ labels)")
+    distill.add_argument("-o", "--output", required=True, help="output .onnx file")
+    distill.add_argument("--report", help="write the report as JSON here")
+    for name, type_name, default, help_text in DistillOptions.describe():
+        distill.add_argument(f"--{name.replace('_', '-')}", dest=f"option_{name}",
+                             metavar=type_name.upper().replace(" ", "_"),
+                             help=f"{help_text} (default {_option_text(default) or 'none'})")
+    distill.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -119,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             print(__version__)
             return 0
         if args.command is None:
-            raise UsageError("give a command: optimize, passes, inspect, bench or report "
+            raise UsageError("give a command: optimize, passes, inspect, bench, report or distill "
                              "(see 'onnxcomp --help')")
         commands = {
             "optimize": _optimize,
@@ -127,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             "inspect": _inspect,
             "bench": _bench,
             "report": _report,
+            "distill": _distill,
         }
         return commands[args.command](args)
     except OnnxcompError as e:
@@ -331,3 +356,73 @@ def _report(args: argparse.Namespace) -> int:
     if args.plot:
         console.print(f"wrote {args.plot}", highlight=False)
     return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import onnxcomp
+    from onnxcomp.data import load_data
+    from onnxcomp.io import check_writable, load, write_text
+    from onnxcomp.passes.distill import DistillOptions, DistillPass, is_main_process
+    from onnxcomp.report import console as make_console
+    from onnxcomp.report import print_pipeline, to_json
+
+    if not args.data:
+        raise UsageError("distill needs --data FILE.npz: the inputs to train on")
+    check_writable(args.output)
+    for path in (args.teacher, args.student):
+        if Path(args.output).resolve() == Path(path).resolve():
+            raise UsageError(f"refusing to overwrite {path}; choose another -o")
+    values = {
+        key.removeprefix("option_"): value
+        for key, value in vars(args).items()
+        if key.startswith("option_") and value is not None
+    }
+    options = DistillOptions.from_strings(values, pass_name="distill")
+    teacher = load(args.teacher)
+    data = load_data(args.data, teacher)
+    main = is_main_process()
+    console = make_console()
+    from onnxcomp.distill.student import is_module_spec
+
+    if is_module_spec(args.student):
+        from onnxcomp.io import save
+        from onnxcomp.passes.distill import distill_torch_student
+
+        model, stats = distill_torch_student(teacher, args.student, args.student_args, data,
+                                             options)  # fmt: skip
+        if main:
+            size = save(model, args.output)
+            for key, value in {**stats, "file_bytes": size}.items():
+                console.print(f"{key}: {value}", highlight=False)
+            console.print(f"wrote {args.output}", highlight=False)
+            if args.report:
+                write_text(args.report, to_json({**stats, "file_bytes": size}))
+        return 0
+    if args.student_args:
+        raise UsageError("--student-args is for a module:Class student, not an ONNX file")
+    student = load(args.student)
+    _check_same_signature(teacher, student)
+    _, report = onnxcomp.optimize(
+        student, [DistillPass(options, teacher=teacher)], data=data,
+        output=args.output if main else None, check="final",
+    )  # fmt: skip
+    if main:
+        print_pipeline(report, console)
+        console.print(f"wrote {args.output}", highlight=False)
+        if args.report:
+            write_text(args.report, to_json(report.to_dict()))
+            console.print(f"wrote {args.report}", highlight=False)
+    return 0
+
+
+def _check_same_signature(teacher, student) -> None:
+    """An ONNX student takes the teacher's inputs and gives its outputs, by name."""
+    from onnxcomp.data import graph_inputs
+
+    for what, get in (("inputs", lambda m: [v.name for v in graph_inputs(m)]),
+                      ("outputs", lambda m: [v.name for v in m.graph.outputs])):  # fmt: skip
+        if sorted(get(teacher)) != sorted(get(student)):
+            raise OnnxcompError(
+                f"the student's {what} ({', '.join(get(student))}) are not the teacher's "
+                f"({', '.join(get(teacher))}): they must match by name"
+            )

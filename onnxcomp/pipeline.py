@@ -146,6 +146,13 @@ def run_pipeline(
 ) -> PipelineReport:
     """Run ``passes`` on ``model`` in place and return the ledger; raises on any failed pass."""
     steps = build_passes(passes, data=data)
+    if any(p.needs_teacher and p.teacher is None for _, p in steps):
+        # A snapshot of the input for passes that train against it; clone() shares tensors,
+        # which passes never write into, so this costs no weight copies.
+        teacher = model.clone()
+        for _, p in steps:
+            if p.needs_teacher and p.teacher is None:
+                p.teacher = teacher
     before = Snapshot.of(summarize(model))
     # Results are held to the strict checker only if the input passes it.
     strict = check_model(model, full=True) is None

@@ -72,6 +72,7 @@ PASSES: dict[str, PassSpec] = {
         PassSpec("int8-static", "onnxcomp.passes.quantize_static:StaticQuantizePass"),
         PassSpec("int8-dynamic", "onnxcomp.passes.quantize_dynamic:DynamicQuantizePass"),
         PassSpec("fp16", "onnxcomp.passes.fp16:Float16Pass"),
+        PassSpec("distill", "onnxcomp.passes.distill:DistillPass"),
     )
 }
 

@@ -75,7 +75,12 @@ _EXTRA_OUTPUTS = frozenset(
 class UnsupportedOpError(UnsupportedModelError):
     """The graph has ops (or op features) the interpreter has no torch implementation for."""
 
-    def __init__(self, missing: Mapping[str, int], features: Sequence[str] = ()) -> None:
+    def __init__(self, missing: Mapping[str, int] | str, features: Sequence[str] = ()) -> None:
+        if isinstance(missing, str):  # re-raised with a prefix (the pipeline adds the pass name)
+            super().__init__(missing)
+            self.missing: dict[str, int] = {}
+            self.features = list(features)
+            return
         parts = []
         if missing:
             listed = ", ".join(f"{op} ({count})" for op, count in sorted(missing.items()))
@@ -188,7 +193,27 @@ class OnnxModule(nn.Module):
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Run the graph: inputs in graph order or by name; outputs in graph-output order."""
-        env = self._bind(args, kwargs)
+        env = self._run(self._bind(args, kwargs), frozenset())
+        return tuple(env[name] for name in self.output_names)
+
+    def values(
+        self, names: Sequence[str], *args: torch.Tensor, **kwargs: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Run the graph and return the values ``names`` (intermediate values, graph inputs or
+        outputs) by ONNX name; a name the graph does not compute is a KeyError."""
+        keep = frozenset(names)
+        unknown = keep - self.value_names()
+        if unknown:
+            raise KeyError(f"the graph computes no value named {', '.join(sorted(unknown))}")
+        env = self._run(self._bind(args, kwargs), keep)
+        return {name: env[name] for name in names}
+
+    def value_names(self) -> frozenset[str]:
+        """Names of the values :meth:`values` can return."""
+        produced = {name for step in self._steps for name in step.outputs if name is not None}
+        return frozenset({*produced, *self.input_names, *self.output_names})
+
+    def _run(self, env: dict[str, torch.Tensor], keep: frozenset[str]) -> dict[str, torch.Tensor]:
         for name, key in self._buffer_values:
             env.setdefault(name, getattr(self.constants, key))
         for name, key in self._param_values:
@@ -205,8 +230,9 @@ class OnnxModule(nn.Module):
                 if name is not None:
                     env[name] = output
             for name in step.release:
-                env.pop(name, None)
-        return tuple(env[name] for name in self.output_names)
+                if name not in keep:
+                    env.pop(name, None)
+        return env
 
     def effective_weight(self, key: str) -> torch.Tensor:
         """The value parameter ``key`` has in the forward pass: masked, then fake-quantised."""

@@ -28,6 +28,8 @@ _LAZY = {
     "DynamicQuantizeOptions": "onnxcomp.passes.quantize_dynamic",
     "Float16Pass": "onnxcomp.passes.fp16",
     "Float16Options": "onnxcomp.passes.fp16",
+    "DistillPass": "onnxcomp.passes.distill",
+    "DistillOptions": "onnxcomp.passes.distill",
 }
 
 __all__ = ["CompressionPass", "CompressionResult", "PassOptions", "option", *_LAZY]

@@ -91,7 +91,9 @@ class CompressionPass(ir.passes.InPlacePass):
 
     Subclasses set ``summary``, ``options_class`` and implement :meth:`apply`, returning a
     :class:`CompressionResult`. ``data`` is the user's ``--data`` set, for passes that need
-    real inputs (calibration, importance); passes that need it set ``needs_data``.
+    real inputs (calibration, importance); passes that need it set ``needs_data``. Passes that
+    train against the pipeline's input model (distillation) set ``needs_teacher``: the pipeline
+    then hands them that model, as it was before any pass ran, in ``teacher``.
     """
 
     summary: ClassVar[str] = ""
@@ -99,6 +101,8 @@ class CompressionPass(ir.passes.InPlacePass):
     lossless: ClassVar[bool] = False
     min_opset: ClassVar[int] = 1
     needs_data: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False
+    teacher: ir.Model | None = None
 
     def __init__(self, options: PassOptions | None = None, *, data: Dataset | None = None):
         super().__init__()
