@@ -12,6 +12,12 @@ class OnnxcompError(Exception):
 
     exit_code = 1
 
+    def with_context(self, context: str) -> OnnxcompError:
+        """This error, its message prefixed with ``context`` (e.g. the pass that raised it);
+        type and attributes are kept, so any subclass can be re-raised this way."""
+        self.args = (f"{context}: {self}", *self.args[1:])
+        return self
+
 
 class UsageError(OnnxcompError):
     """A problem with how onnxcomp was called: unknown pass, bad option, bad path (exit code 2)."""

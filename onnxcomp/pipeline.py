@@ -226,12 +226,14 @@ def _run_one(label: str, compression_pass: CompressionPass, model: ir.Model) -> 
     try:
         result = compression_pass(model)
     except ir.passes.PreconditionError as e:
-        cause = e.__cause__ if isinstance(e.__cause__, OnnxcompError) else None
-        if cause is not None:
-            raise type(cause)(f"pass '{label}': {cause}") from None
+        if isinstance(e.__cause__, OnnxcompError):
+            raise e.__cause__.with_context(f"pass '{label}'") from None
         raise PassFailedError(label, _one_line(e.__cause__ or e)) from e
+    except PassFailedError:
+        raise
     except OnnxcompError as e:
-        raise type(e)(f"pass '{label}': {e}") from e
+        e.with_context(f"pass '{label}'")
+        raise
     except Exception as e:
         raise PassFailedError(label, _one_line(e)) from e
     if not isinstance(result, CompressionResult):

@@ -12,6 +12,7 @@ import onnx_ir as ir
 import pytest
 
 import onnxcomp
+import onnxcomp.errors
 from onnxcomp.errors import PassFailedError, UsageError
 from onnxcomp.passes import CompressionPass, CompressionResult, PassOptions, option
 from onnxcomp.passes._base import _parse_value
@@ -186,3 +187,26 @@ def test_accuracy_is_reported_when_the_data_has_labels(mlp_path: Path, tmp_path:
     _, report = onnxcomp.optimize(mlp_path, "simplify", data=data)
     assert report.accuracy_before == pytest.approx(0.8)
     assert report.records[0].accuracy == pytest.approx(0.8)
+
+
+class _PickyError(onnxcomp.errors.UnsupportedModelError):
+    """An error whose constructor does not take a message, like UnsupportedOpError."""
+
+    def __init__(self, ops: dict[str, int]) -> None:
+        super().__init__(f"no kernel for {', '.join(ops)}")
+        self.ops = ops
+
+
+def test_errors_from_a_pass_keep_their_type_and_gain_the_pass_name(mlp_path: Path):
+    """Regression: the pipeline rebuilt errors as type(e)(message), which crashed on error
+    classes whose constructor takes something else (the user saw 'internal error')."""
+
+    class Picky(CompressionPass):
+        summary = "test only"
+
+        def apply(self, model: ir.Model) -> CompressionResult:
+            raise _PickyError({"Resize": 2})
+
+    with pytest.raises(_PickyError, match=r"^pass 'Picky': no kernel for Resize$") as error:
+        onnxcomp.optimize(mlp_path, [Picky()])
+    assert error.value.ops == {"Resize": 2}

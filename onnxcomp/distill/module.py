@@ -75,12 +75,7 @@ _EXTRA_OUTPUTS = frozenset(
 class UnsupportedOpError(UnsupportedModelError):
     """The graph has ops (or op features) the interpreter has no torch implementation for."""
 
-    def __init__(self, missing: Mapping[str, int] | str, features: Sequence[str] = ()) -> None:
-        if isinstance(missing, str):  # re-raised with a prefix (the pipeline adds the pass name)
-            super().__init__(missing)
-            self.missing: dict[str, int] = {}
-            self.features = list(features)
-            return
+    def __init__(self, missing: Mapping[str, int], features: Sequence[str] = ()) -> None:
         parts = []
         if missing:
             listed = ", ".join(f"{op} ({count})" for op, count in sorted(missing.items()))
