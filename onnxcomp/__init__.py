@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnxcomp.data import Dataset, load_data
 from onnxcomp.errors import OnnxcompError, UsageError
 from onnxcomp.instrument import Tolerance
-from onnxcomp.io import check_writable, external_files, load, save
+from onnxcomp.io import check_writable, external_files, is_main_process, load, save
 from onnxcomp.passes._base import CompressionPass
 from onnxcomp.pipeline import DEFAULT_CHECK_SAMPLES, CheckMode, PipelineReport, run_pipeline
 
@@ -82,7 +82,7 @@ def optimize(
     )
     report.input_path = str(input_path) if input_path is not None else None
     report.file_bytes_before = file_bytes_before
-    if output is not None:
+    if output is not None and is_main_process():
         # Keep external data when the input had it, even if every weight was rewritten.
         external = True if len(input_files) > 1 else None
         report.file_bytes_after = save(model, output, external_data=external, protect=input_files)

@@ -176,7 +176,7 @@ def _fail(message: str) -> None:
 def _optimize(args: argparse.Namespace) -> int:
     import onnxcomp
     from onnxcomp.data import parse_shapes
-    from onnxcomp.io import write_text
+    from onnxcomp.io import is_main_process, write_text
     from onnxcomp.report import console as make_console
     from onnxcomp.report import print_pipeline, to_json
 
@@ -194,6 +194,8 @@ def _optimize(args: argparse.Namespace) -> int:
             check=args.check,
             check_samples=args.check_samples,
         )
+    if not is_main_process():
+        return 0  # torchrun workers: rank 0 prints and writes
     print_pipeline(report, console)
     console.print(f"wrote {args.output}", highlight=False)
     if args.report:
@@ -361,8 +363,8 @@ def _report(args: argparse.Namespace) -> int:
 def _distill(args: argparse.Namespace) -> int:
     import onnxcomp
     from onnxcomp.data import load_data
-    from onnxcomp.io import check_writable, load, write_text
-    from onnxcomp.passes.distill import DistillOptions, DistillPass, is_main_process
+    from onnxcomp.io import check_writable, is_main_process, load, write_text
+    from onnxcomp.passes.distill import DistillOptions, DistillPass
     from onnxcomp.report import console as make_console
     from onnxcomp.report import print_pipeline, to_json
 

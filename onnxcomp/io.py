@@ -118,6 +118,14 @@ def check_writable(path: str | os.PathLike) -> Path:
     return target_dir
 
 
+def is_main_process() -> bool:
+    """False in the worker processes (rank > 0) of a torchrun job: only rank 0 writes files."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
 def weight_bytes(model: ir.Model) -> int:
     """Bytes held by initializers of the main graph and its subgraphs."""
     return sum(

@@ -191,3 +191,13 @@ def test_console_script_and_module_entry_point(cnn_path: Path, tmp_path: Path):
     )
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "no such file" in done.stderr
+
+
+def test_torchrun_worker_ranks_write_and_print_nothing(capsys, monkeypatch, cnn_path: Path):
+    out = cnn_path.parent / "o.onnx"
+    monkeypatch.setenv("RANK", "1")
+    assert main(_opt(cnn_path, out, "fold-bn")) == 0
+    assert not out.exists() and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(_opt(cnn_path, out, "fold-bn")) == 0
+    assert out.is_file()

@@ -206,14 +206,6 @@ def distill_torch_student(
                    **train_stats(result, params, training, held)}  # fmt: skip
 
 
-def is_main_process() -> bool:
-    """False in the worker processes (rank > 0) of a torchrun job: they write nothing."""
-    try:
-        return int(os.environ.get("RANK", "0")) == 0
-    except ValueError:
-        return True
-
-
 def check_inputs(teacher: ir.Model, student: ir.Model, data: Dataset) -> None:
     """The data feeds every input of the teacher and of the student; one-line errors if not."""
     for who, model in (("teacher", teacher), ("student", student)):
