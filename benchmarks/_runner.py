@@ -39,15 +39,7 @@ from onnxcomp.bench import (
     run_bench,
 )
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.io import write_text
-from onnxcomp.report import (
-    console,
-    format_bytes,
-    plot_bench,
-    print_bench,
-    progress_bar,
-    to_json,
-)
+from onnxcomp.report import console, emit_bench, format_bytes, progress_bar
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -131,16 +123,8 @@ def run(
     args: argparse.Namespace,
 ) -> BenchReport:
     """Measure ``candidates`` as ``args`` say, print the table, write the JSON and plot."""
-    out = console()
     report = bench(candidates, args)
-    data = report.to_dict()
-    print_bench(data, out)
-    if args.json:
-        write_text(args.json, to_json(data))
-        out.print(f"wrote {args.json}", highlight=False)
-    if args.plot and any(c.status == "ok" for c in report.cells):
-        plot_bench(data, args.plot)
-        out.print(f"wrote {args.plot}", highlight=False)
+    emit_bench(report, console(), json_path=args.json, plot_path=args.plot)
     return report
 
 

@@ -261,8 +261,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from onnxcomp.bench import BenchOptions, parse_provider_options, run_bench
     from onnxcomp.data import parse_shapes
-    from onnxcomp.io import check_writable, write_text
-    from onnxcomp.report import check_plot_support, plot_bench, print_bench, progress_bar, to_json
+    from onnxcomp.io import check_writable
+    from onnxcomp.report import check_plot_support, emit_bench, progress_bar
     from onnxcomp.report import console as make_console
 
     options = BenchOptions(
@@ -291,14 +291,7 @@ def _bench(args: argparse.Namespace) -> int:
     console = make_console()
     with progress_bar() as progress:
         report = run_bench(args.models, options, data=args.data, progress=progress)
-    data = report.to_dict()
-    print_bench(data, console)
-    if args.json:
-        write_text(args.json, to_json(data))
-        console.print(f"wrote {args.json}", highlight=False)
-    if args.plot and any(c.status == "ok" for c in report.cells):
-        plot_bench(data, args.plot)
-        console.print(f"wrote {args.plot}", highlight=False)
+    emit_bench(report, console, json_path=args.json, plot_path=args.plot)
     if report.interrupted:
         _fail("interrupted; the table shows what was measured so far")
         return 130

@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
@@ -21,7 +21,11 @@ from rich.table import Table
 
 from onnxcomp.analysis.summary import ModelSummary
 from onnxcomp.errors import OnnxcompError, UsageError
+from onnxcomp.io import write_text
 from onnxcomp.pipeline import PipelineReport
+
+if TYPE_CHECKING:
+    from onnxcomp.bench import BenchReport
 
 
 def console() -> Console:
@@ -565,3 +569,21 @@ def _save_figure(figure: Any, path: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def emit_bench(
+    report: BenchReport,
+    out: Console,
+    *,
+    json_path: str | os.PathLike | None = None,
+    plot_path: str | os.PathLike | None = None,
+) -> None:
+    """Print a bench report's table, and write its JSON and plot where asked."""
+    data = report.to_dict()
+    print_bench(data, out)
+    if json_path:
+        write_text(json_path, to_json(data))
+        out.print(f"wrote {json_path}", highlight=False)
+    if plot_path and any(c.status == "ok" for c in report.cells):
+        plot_bench(data, plot_path)
+        out.print(f"wrote {plot_path}", highlight=False)
