@@ -1,13 +1,15 @@
 """Distillation: accuracy lost to compression, and won back by ``distill``, on the demo models.
 
 For each demo model this makes, in memory with ``onnxcomp.optimize`` (distillation trains on
-the calib split, 20% of it held out to pick the best epoch): fp32; ``prune-channels:ratio=0.5``,
-``binary``, ``ternary`` and ``lowrank``, each before and after ``distill``; and the full stacks
-``fold-bn,prune-channels,distill,int4``, ``...,int4,distill`` (quantise, then train on the grid)
-and ``...,ternary,distill``. Every variant is then measured by ``benchmarks/_runner.py`` (one
-timing loop, variants interleaved run by run): top-1 on the eval split (never trained on), file
-bytes and ONNX Runtime CPU latency. The targets of the distillation issue are checked against
-fp32 and printed as met or missed. Run from the repository root::
+the training split where the demo ships one, digits_train.npz, else the calib split; 20% of it
+held out to pick the best epoch): fp32; ``prune-channels:ratio=0.5``, ``binary``, ``ternary``
+and ``lowrank``, each before and after ``distill``; and the full stacks
+``fold-bn,prune-channels,distill,int4,strip``, ``...,int4,distill,strip`` (quantise, then train
+on the grid) and ``...,ternary,distill,strip`` (``strip`` drops the exporter's stack traces).
+Every variant is then measured by ``benchmarks/_runner.py`` (one timing loop, variants
+interleaved run by run): top-1 on the eval split (never trained on), file bytes and ONNX
+Runtime CPU latency. The targets of the distillation issue are checked against fp32 and
+printed as met or missed. Run from the repository root::
 
     python benchmarks/distill.py --json distill.json          # a few minutes on CPU
     python benchmarks/distill.py --quick                      # smoke run: few epochs, few runs
@@ -32,7 +34,7 @@ from onnxcomp.report import console, format_bytes, to_json
 
 REPO = Path(__file__).resolve().parent.parent
 DEMOS = {
-    "digits_cnn": ("digits_cnn.onnx", "digits_calib.npz", "digits_eval.npz"),
+    "digits_cnn": ("digits_cnn.onnx", "digits_train.npz", "digits_eval.npz"),
     "tiny_encoder": ("tiny_encoder.onnx", "encoder_calib.npz", "encoder_eval.npz"),
 }
 PRUNE = "prune-channels:ratio=0.5"
@@ -48,9 +50,9 @@ VARIANTS: list[tuple[str, str | None]] = [
     ("lowrank", "lowrank"),
     ("lowrank+distill", "lowrank,{d}"),
     # BatchNormalization folded first, so its parameters do not stay float
-    ("stack: prune50,distill,int4", "fold-bn," + PRUNE + ",{d},int4"),
-    ("stack: prune50,int4,distill", "fold-bn," + PRUNE + ",int4,{d}"),
-    ("stack: prune50,ternary,distill", "fold-bn," + PRUNE + ",ternary,{d}"),
+    ("stack: prune50,distill,int4", "fold-bn," + PRUNE + ",{d},int4,strip"),
+    ("stack: prune50,int4,distill", "fold-bn," + PRUNE + ",int4,{d},strip"),
+    ("stack: prune50,ternary,distill", "fold-bn," + PRUNE + ",ternary,{d},strip"),
 ]
 # (model, variant, most top-1 points below fp32, least times smaller than fp32 or None)
 TARGETS = [
@@ -77,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_variants(name: str, args: argparse.Namespace) -> list[Candidate]:
-    """Every variant of the demo ``name``, compressed and distilled on its calib split."""
+    """Every variant of the demo ``name``, compressed and distilled on its training data."""
     model, calib, _ = (REPO / "models" / f for f in DEMOS[name])
     distill = f"distill:epochs={args.epochs}:lr={args.lr}"
     out = console()

@@ -18,6 +18,7 @@ Outputs, written next to this script:
 
 * ``digits_cnn.onnx``   - the model, weights embedded (no external data),
                           input ``input`` float32 [N, 1, 8, 8], output ``logits`` float32 [N, 10]
+* ``digits_train.npz``  - the training split, for fine-tuning and distillation: same keys
 * ``digits_calib.npz``  - calibration split: ``input`` float32 [S, 1, 8, 8], ``labels`` int64 [S]
 * ``digits_eval.npz``   - held-out eval split, same keys
 
@@ -49,6 +50,7 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 ONNX_PATH = HERE / "digits_cnn.onnx"
+TRAIN_PATH = HERE / "digits_train.npz"
 CALIB_PATH = HERE / "digits_calib.npz"
 EVAL_PATH = HERE / "digits_eval.npz"
 
@@ -298,9 +300,11 @@ def main() -> None:
         assert d < 1e-4, f"batch {bs}: mismatch {d}"
         print(f"  batch size {bs}: ok (max diff {d:.2e})")
 
+    x_train, y_train = splits["train"]
+    np.savez(TRAIN_PATH, input=x_train, labels=y_train)
     np.savez(CALIB_PATH, input=x_calib, labels=y_calib)
     np.savez(EVAL_PATH, input=x_eval, labels=y_eval)
-    for p in (ONNX_PATH, CALIB_PATH, EVAL_PATH):
+    for p in (ONNX_PATH, TRAIN_PATH, CALIB_PATH, EVAL_PATH):
         print(f"  wrote {p.relative_to(HERE.parent)} ({p.stat().st_size / 1024:.1f} KB)")
     print(
         f"RESULT digits_cnn: torch eval acc {torch_acc:.4f}, ORT eval acc {ort_acc:.4f}, "

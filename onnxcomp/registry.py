@@ -53,6 +53,7 @@ PASSES: dict[str, PassSpec] = {
     for spec in (
         PassSpec("simplify", "onnxcomp.passes.simplify:SimplifyPass"),
         PassSpec("fold-bn", "onnxcomp.passes.fold_bn:FoldBatchNormPass"),
+        PassSpec("strip", "onnxcomp.passes.strip:StripPass"),
         PassSpec("prune", "onnxcomp.passes.prune:MagnitudePrunePass"),
         PassSpec("prune-nm", "onnxcomp.passes.prune:NMPrunePass"),
         PassSpec("lowrank", "onnxcomp.passes.lowrank:LowRankPass"),

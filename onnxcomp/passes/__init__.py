@@ -12,6 +12,8 @@ _LAZY = {
     "SimplifyOptions": "onnxcomp.passes.simplify",
     "FoldBatchNormPass": "onnxcomp.passes.fold_bn",
     "FoldBatchNormOptions": "onnxcomp.passes.fold_bn",
+    "StripPass": "onnxcomp.passes.strip",
+    "StripOptions": "onnxcomp.passes.strip",
     "MagnitudePrunePass": "onnxcomp.passes.prune",
     "MagnitudePruneOptions": "onnxcomp.passes.prune",
     "NMPrunePass": "onnxcomp.passes.prune",
