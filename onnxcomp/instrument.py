@@ -69,31 +69,33 @@ class Reference:
         self.batch_size = batch_size
         self.level = level
         self.limit = limit
-        session = runtime.make_session(model, level=level)
-        self.names = runtime.output_names(session)
-        self.outputs = runtime.run_batches(session, self._batches())
+        self.names: list[str] | None = None
+        self.outputs = self.run(model)
         self.labels = None if inputs.labels is None else inputs.labels[:limit]
-        self.accuracy = top1_accuracy(self.outputs, self.labels)
+        self.accuracy = self.accuracy_of(self.outputs)
 
-    def _batches(self):
-        return self.inputs.batches(self.batch_size, self.limit)
-
-    def compare(self, model: ir.Model) -> tuple[list[OutputDiff], float | None]:
-        """Per-output differences from the reference, and top-1 accuracy if there are labels."""
+    def run(self, model: ir.Model) -> list[list[np.ndarray]]:
+        """``model``'s outputs on the reference inputs, one list per batch."""
         session = runtime.make_session(model, level=self.level)
         names = runtime.output_names(session)
-        if names != self.names:
+        if self.names is not None and names != self.names:
             raise ValueError(f"graph outputs changed from {self.names} to {names}")
-        outputs = runtime.run_batches(session, self._batches())
-        diffs = [
-            compare_arrays(
-                name,
-                [batch[i] for batch in self.outputs],
-                [batch[i] for batch in outputs],
-            )
-            for i, name in enumerate(self.names)
+        self.names = names
+        return runtime.run_batches(session, self.inputs.batches(self.batch_size, self.limit))
+
+    def compare(
+        self, outputs: list[list[np.ndarray]], baseline: list[list[np.ndarray]] | None = None
+    ) -> list[OutputDiff]:
+        """Per-output differences of ``outputs`` from ``baseline`` (default: the input model's)."""
+        baseline = self.outputs if baseline is None else baseline
+        return [
+            compare_arrays(name, [b[i] for b in baseline], [b[i] for b in outputs])
+            for i, name in enumerate(self.names or [])
         ]
-        return diffs, top1_accuracy(outputs, self.labels)
+
+    def accuracy_of(self, outputs: list[list[np.ndarray]]) -> float | None:
+        """Top-1 accuracy of ``outputs`` on the reference labels, if there are any."""
+        return top1_accuracy(outputs, self.labels)
 
 
 def top1_accuracy(outputs: list[list[np.ndarray]], labels: np.ndarray | None) -> float | None:

@@ -210,3 +210,17 @@ def test_errors_from_a_pass_keep_their_type_and_gain_the_pass_name(mlp_path: Pat
     with pytest.raises(_PickyError, match=r"^pass 'Picky': no kernel for Resize$") as error:
         onnxcomp.optimize(mlp_path, [Picky()])
     assert error.value.ops == {"Resize": 2}
+
+
+def test_lossless_pass_after_a_lossy_one_is_held_to_the_outputs_before_it(mlp_path: Path):
+    """Regression: lossless passes were compared with the input model, so any lossless pass
+    after a lossy one (e.g. int8-static,strip) failed; they are compared with the model as it
+    was before them, and still caught when they do move the outputs."""
+
+    class Lossy(_ScaleWeightsPass):
+        lossless = False
+
+    _, report = onnxcomp.optimize(mlp_path, [Lossy(), "simplify"], check="final")
+    assert report.final_check[0].max_abs > 0.1  # the lossy pass's error, reported
+    with pytest.raises(PassFailedError, match="lossless pass moved output 'y'"):
+        onnxcomp.optimize(mlp_path, [Lossy(), _ScaleWeightsPass()], check="final")
