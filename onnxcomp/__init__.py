@@ -55,7 +55,8 @@ def optimize(
     the input file is never overwritten.
     """
     input_path = file_bytes_before = None
-    input_files: tuple[Path, ...] = ()
+    input_files: tuple[Path, ...] = ()  # never written over: the model, its data, --data
+    had_external_data = False
     if output is not None:
         check_writable(output)
     if isinstance(model, ir.Model):
@@ -68,8 +69,10 @@ def optimize(
             )
         model = load(input_path)
         input_files = (input_path, *external_files(model))
+        had_external_data = len(input_files) > 1
         file_bytes_before = sum(p.stat().st_size for p in input_files if p.exists())
     if data is not None and not isinstance(data, Dataset):
+        input_files = (*input_files, Path(data))
         data = load_data(data, model)
     report = run_pipeline(
         model,
@@ -84,7 +87,7 @@ def optimize(
     report.file_bytes_before = file_bytes_before
     if output is not None and is_main_process():
         # Keep external data when the input had it, even if every weight was rewritten.
-        external = True if len(input_files) > 1 else None
+        external = True if had_external_data else None
         report.file_bytes_after = save(model, output, external_data=external, protect=input_files)
         report.output_path = str(output)
     return model, report

@@ -176,12 +176,15 @@ def _fail(message: str) -> None:
 def _optimize(args: argparse.Namespace) -> int:
     import onnxcomp
     from onnxcomp.data import parse_shapes
-    from onnxcomp.io import is_main_process, write_text
+    from onnxcomp.io import guard_paths, is_main_process, write_text
     from onnxcomp.report import console as make_console
     from onnxcomp.report import print_pipeline, to_json
 
-    if args.report and Path(args.report).resolve() == Path(args.model).resolve():
-        raise UsageError("--report would overwrite the input model")
+    guard_paths(
+        {"the input model": args.model, "--data": args.data},
+        {"-o": args.output, "--report": args.report},
+        models_written={"-o"},
+    )
     console = make_console()
     with console.status(f"running {args.passes} on {args.model} ..."):
         _, report = onnxcomp.optimize(
@@ -261,7 +264,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from onnxcomp.bench import BenchOptions, parse_provider_options, run_bench
     from onnxcomp.data import parse_shapes
-    from onnxcomp.io import check_writable
+    from onnxcomp.io import guard_paths
     from onnxcomp.report import check_plot_support, emit_bench, progress_bar
     from onnxcomp.report import console as make_console
 
@@ -279,12 +282,8 @@ def _bench(args: argparse.Namespace) -> int:
         memory=not args.no_memory,
     )
     options.validate()
-    inputs = {Path(m).resolve() for m in args.models}
-    for flag, target in (("--json", args.json), ("--plot", args.plot)):
-        if target:
-            check_writable(target)
-            if Path(target).resolve() in inputs:
-                raise UsageError(f"{flag} would overwrite an input model")
+    reads = {f"the input model {m}": m for m in args.models}
+    guard_paths({**reads, "--data": args.data}, {"--json": args.json, "--plot": args.plot})
     if args.plot:
         check_plot_support()
 
@@ -315,6 +314,7 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
 def _report(args: argparse.Namespace) -> int:
     import json
 
+    from onnxcomp.io import guard_paths
     from onnxcomp.report import (
         check_plot_support,
         pipeline_report_from_dict,
@@ -330,8 +330,7 @@ def _report(args: argparse.Namespace) -> int:
         raise UsageError(f"no such report file: {path}")
     if args.plot:
         check_plot_support()
-        if Path(args.plot).resolve() == path.resolve():
-            raise UsageError("--plot would overwrite the report")
+        guard_paths({"the report": path}, {"--plot": args.plot})
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -356,17 +355,22 @@ def _report(args: argparse.Namespace) -> int:
 def _distill(args: argparse.Namespace) -> int:
     import onnxcomp
     from onnxcomp.data import load_data
-    from onnxcomp.io import check_writable, is_main_process, load, write_text
-    from onnxcomp.passes.distill import DistillOptions, DistillPass
+    from onnxcomp.io import guard_paths, is_main_process, load, write_text
+    from onnxcomp.passes.distill import DistillOptions, DistillPass, require_torch
+
+    require_torch()
+    from onnxcomp.distill.student import is_module_spec
     from onnxcomp.report import console as make_console
     from onnxcomp.report import print_pipeline, to_json
 
     if not args.data:
         raise UsageError("distill needs --data FILE.npz: the inputs to train on")
-    check_writable(args.output)
-    for path in (args.teacher, args.student):
-        if Path(args.output).resolve() == Path(path).resolve():
-            raise UsageError(f"refusing to overwrite {path}; choose another -o")
+    student_file = None if is_module_spec(args.student) else args.student
+    guard_paths(
+        {"the teacher": args.teacher, "the student": student_file, "--data": args.data},
+        {"-o": args.output, "--report": args.report},
+        models_written={"-o"},
+    )
     values = {
         key.removeprefix("option_"): value
         for key, value in vars(args).items()
@@ -377,7 +381,6 @@ def _distill(args: argparse.Namespace) -> int:
     data = load_data(args.data, teacher)
     main = is_main_process()
     console = make_console()
-    from onnxcomp.distill.student import is_module_spec
 
     if is_module_spec(args.student):
         from onnxcomp.io import save

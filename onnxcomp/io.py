@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import onnx
@@ -100,6 +101,60 @@ def save(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return sum(p.stat().st_size for p in written)
+
+
+def guard_paths(
+    reads: Mapping[str, str | os.PathLike | None],
+    writes: Mapping[str, str | os.PathLike | None],
+    *,
+    models_written: Collection[str] = (),
+) -> None:
+    """Refuse, before any work starts, a run that would write over a file it reads (a model,
+    its external data, a data file) or write two outputs to one file.
+
+    ``reads`` and ``writes`` map a flag (``--data``, ``-o``) to a path; a model written under
+    one of ``models_written`` also claims its ``.data`` file. Every write target must be in a
+    writable directory.
+    """
+    read_files: dict[str, str] = {}
+    for flag, path in reads.items():
+        if path is None:
+            continue
+        read_files.setdefault(_real(path), flag)
+        for data_file in _external_data_files(Path(path)):
+            read_files.setdefault(_real(data_file), f"the external data of {flag}")
+    claimed: dict[str, str] = {}
+    for flag, path in writes.items():
+        if path is None:
+            continue
+        check_writable(path)
+        targets = [Path(path)]
+        if flag in models_written:
+            targets.append(Path(path).with_name(f"{Path(path).name}.data"))
+        for target in targets:
+            real = _real(target)
+            if real in read_files:
+                raise UsageError(f"{flag} {target} would overwrite {read_files[real]}")
+            if real in claimed:
+                raise UsageError(f"{flag} {target} would overwrite the file {claimed[real]} writes")
+            claimed[real] = flag
+
+
+def _external_data_files(path: Path) -> list[Path]:
+    """External data files an ONNX file names (none if it is not a readable model)."""
+    if path.suffix != ".onnx" or not path.is_file():
+        return []
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception:
+        return []  # not a model: load() reports that with its own message
+    files = []
+    for tensor in _all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = {e.key: e.value for e in tensor.external_data}.get("location")
+            if location:
+                files.append(path.parent / location)
+    return files
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -193,10 +248,11 @@ def _first_line(error: BaseException) -> str:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file (a JSON report) atomically: temp file beside it, then rename."""
     path = Path(path)
-    target_dir = path.parent if str(path.parent) else Path(".")
-    if not target_dir.is_dir():
-        raise UsageError(f"directory {target_dir} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=target_dir)
+    target_dir = check_writable(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=target_dir)
+    except OSError as e:
+        raise UsageError(f"cannot write to {target_dir}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -204,6 +260,9 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; reports are not
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -115,7 +115,7 @@ def test_bad_pipeline(capsys, cnn_path: Path, passes: str, needle: str):
 
 
 def test_output_equal_to_input(capsys, cnn_path: Path):
-    _run_bad(capsys, cnn_path.parent, _opt(cnn_path, cnn_path), 2, "refusing to overwrite")
+    _run_bad(capsys, cnn_path.parent, _opt(cnn_path, cnn_path), 2, "would overwrite the input model")
 
 
 def test_output_directory_missing(capsys, cnn_path: Path):
@@ -201,3 +201,43 @@ def test_torchrun_worker_ranks_write_and_print_nothing(capsys, monkeypatch, cnn_
     monkeypatch.setenv("RANK", "0")
     assert main(_opt(cnn_path, out, "fold-bn")) == 0
     assert out.is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--report", "{dir}/in.weights"], "--report"),  # the input's external data
+        (["--report", "{dir}/o.onnx"], "would overwrite the file -o writes"),
+        (["--report", "{dir}/o.onnx.data"], "would overwrite the file -o writes"),
+        (["--data", "{dir}/d.npz", "--report", "{dir}/d.npz"], "would overwrite --data"),
+    ],
+)
+def test_outputs_never_land_on_inputs_or_on_each_other(capsys, tmp_path: Path, extra, needle):
+    """Regression: only -o was compared with the input model; --report could replace the
+    input's external data, the --data file or the model just written."""
+    onnx.save(conv_bn_residual_model(), tmp_path / "in.onnx", save_as_external_data=True,
+              location="in.weights", size_threshold=0)  # fmt: skip
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 1, 4, 4), np.float32))
+    args = _opt(tmp_path / "in.onnx", tmp_path / "o.onnx", "fold-bn",
+                *(e.format(dir=tmp_path) for e in extra))  # fmt: skip
+    _run_bad(capsys, tmp_path, args, 2, needle)
+
+
+def test_model_output_onto_the_data_file_is_refused(capsys, cnn_path: Path):
+    data = cnn_path.parent / "d.npz"
+    np.savez(data, x=np.zeros((4, 1, 4, 4), np.float32))
+    args = _opt(cnn_path, data, "fold-bn", "--data", str(data))
+    _run_bad(capsys, cnn_path.parent, args, 2, "-o")
+
+
+def test_bench_json_onto_the_data_file_is_refused(capsys, cnn_path: Path):
+    data = cnn_path.parent / "d.npz"
+    np.savez(data, x=np.zeros((4, 1, 4, 4), np.float32))
+    args = ["bench", str(cnn_path), "--data", str(data), "--json", str(data)]
+    _run_bad(capsys, cnn_path.parent, args, 2, "would overwrite --data")
+
+
+def test_report_into_a_missing_directory_fails_before_anything_is_written(capsys, cnn_path):
+    args = _opt(cnn_path, cnn_path.parent / "o.onnx", "fold-bn",
+                "--report", str(cnn_path.parent / "no" / "r.json"))  # fmt: skip
+    _run_bad(capsys, cnn_path.parent, args, 2, "does not exist")

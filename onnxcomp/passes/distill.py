@@ -37,6 +37,14 @@ if TYPE_CHECKING:
 TORCH_HINT = "pip install torch==2.13.0 (the CPU build), then pip install -e '.[torch]'"
 
 
+def require_torch() -> None:
+    """A one-line UsageError saying how to install torch, when it is missing."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise UsageError(f"distill needs torch: {TORCH_HINT}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillOptions(PassOptions):
     """Options of ``distill``."""
@@ -131,10 +139,7 @@ class DistillPass(CompressionPass):
             )
 
     def apply(self, model: ir.Model) -> CompressionResult:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise UsageError(f"distill needs torch: {TORCH_HINT}") from None
+        require_torch()
         from onnxcomp.distill import OnnxModule
         from onnxcomp.distill.teacher import Teacher
         from onnxcomp.distill.train import train
@@ -183,10 +188,7 @@ def distill_torch_student(
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Train the torch module ``spec`` (``module:Class``, JSON ``args``) against ``teacher``
     and export it; returns the exported model and the training stats."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise UsageError(f"distill needs torch: {TORCH_HINT}") from None
+    require_torch()
     from onnxcomp.distill.student import export_student, load_student
     from onnxcomp.distill.teacher import Teacher
     from onnxcomp.distill.train import train
