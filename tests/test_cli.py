@@ -115,7 +115,8 @@ def test_bad_pipeline(capsys, cnn_path: Path, passes: str, needle: str):
 
 
 def test_output_equal_to_input(capsys, cnn_path: Path):
-    _run_bad(capsys, cnn_path.parent, _opt(cnn_path, cnn_path), 2, "would overwrite the input model")
+    args = _opt(cnn_path, cnn_path)
+    _run_bad(capsys, cnn_path.parent, args, 2, "would overwrite the input model")
 
 
 def test_output_directory_missing(capsys, cnn_path: Path):

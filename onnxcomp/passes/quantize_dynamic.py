@@ -89,6 +89,9 @@ class DynamicQuantizePass(CompressionPass):
         lifted = lift_constant_weights(model)
         if lifted:
             notes.append(f"lifted {lifted} Constant nodes to initializers (weights may sit there)")
+        # Activation dtypes decide what can run as MatMulInteger; models without value_info
+        # (hand-built, older exporters) need them inferred.
+        common_passes.ShapeInferencePass()(model)
         weights, skipped = self._find(model)
         if weights:
             upgraded = upgrade_opset(model, OPSET_DYNAMIC, why="DynamicQuantizeLinear")
@@ -151,7 +154,9 @@ class DynamicQuantizePass(CompressionPass):
         for use in weight.uses:
             node, rank = use.node, len(weight.shape)
             x = node.inputs[0]
-            if x is None or x.dtype != ir.DataType.FLOAT:
+            if x is None or x.dtype is None:
+                return f"{node.op_type} input has no known dtype (shape inference could not tell)"
+            if x.dtype != ir.DataType.FLOAT:
                 return f"{node.op_type} input is not float32"
             if node.op_type == "MatMul" and rank != 2:
                 return f"MatMul weight of rank {rank} (MatMulInteger needs 2-D)"
@@ -194,8 +199,10 @@ class DynamicQuantizePass(CompressionPass):
         w_zero = _constant(graph, f"{name}_zero_point", ir.tensor(np.zeros(zero_shape, np.int8)))
         w_scale = np.asarray(scale, dtype=np.float32)
         nbytes = q.const_value.nbytes + w_zero.const_value.nbytes + w_scale.nbytes  # type: ignore[union-attr]
-        for use in weight.uses:
+        for number, use in enumerate(weight.uses):
             node = use.node
+            # Names from the weight (unique) and the consumer's number: node names may be empty.
+            tag = f"{name}_{number}"
             x = node.inputs[0]
             assert x is not None
             if x not in activations:
@@ -207,29 +214,29 @@ class DynamicQuantizePass(CompressionPass):
             if layout == "conv":
                 shape = (1, -1) + (1,) * (len(weight.shape) - 2)
                 column_scale = column_scale.reshape(shape) if axis is not None else column_scale
-            scale_value = _constant(graph, f"{name}_scale_{node.name}", ir.tensor(column_scale))
+            scale_value = _constant(graph, f"{tag}_scale", ir.tensor(column_scale))
             integer_op = "ConvInteger" if layout == "conv" else "MatMulInteger"
             attributes = {k: v for k, v in node.attributes.items()} if layout == "conv" else {}
             integer = ir.node(
-                integer_op, [x_q, q, x_zero, w_zero], attributes, name=f"{node.name}_integer"
+                integer_op, [x_q, q, x_zero, w_zero], attributes, name=f"{tag}_integer"
             )
             cast = ir.node(
-                "Cast", integer.outputs, {"to": ir.DataType.FLOAT}, name=f"{node.name}_cast"
+                "Cast", integer.outputs, {"to": ir.DataType.FLOAT}, name=f"{tag}_cast"
             )
-            scales = ir.node("Mul", [x_scale, scale_value], name=f"{node.name}_scales")
+            scales = ir.node("Mul", [x_scale, scale_value], name=f"{tag}_scales")
             result = ir.node(
-                "Mul", [cast.outputs[0], scales.outputs[0]], name=f"{node.name}_rescale"
+                "Mul", [cast.outputs[0], scales.outputs[0]], name=f"{tag}_rescale"
             )
             new_nodes = [integer, cast, scales, result]
             out = result.outputs[0]
-            bias = self._bias(graph, node, name)
+            bias = self._bias(graph, node, tag)
             if bias is not None:
-                add = ir.node("Add", [out, bias], name=f"{node.name}_bias")
+                add = ir.node("Add", [out, bias], name=f"{tag}_bias")
                 new_nodes.append(add)
                 out = add.outputs[0]
             old = node.outputs[0]
             graph.insert_before(node, new_nodes)
-            out.dtype, out.shape = old.dtype, old.shape
+            out.dtype, out.shape = old.dtype or ir.DataType.FLOAT, old.shape
             was_output = old.is_graph_output()
             old.replace_all_uses_with(out, replace_graph_outputs=True)
             if was_output:
@@ -241,7 +248,7 @@ class DynamicQuantizePass(CompressionPass):
                     graph.initializers.pop(value.name)
         return nbytes
 
-    def _bias(self, graph: ir.Graph, node: ir.Node, name: str) -> ir.Value | None:
+    def _bias(self, graph: ir.Graph, node: ir.Node, tag: str) -> ir.Value | None:
         """Gemm's ``beta * C``, or Conv's bias reshaped to [1, C, 1, ...]; None without one."""
         if len(node.inputs) < 3 or node.inputs[2] is None:
             return None
@@ -251,12 +258,12 @@ class DynamicQuantizePass(CompressionPass):
             if beta == 1.0 or bias.const_value is None:
                 return bias
             scaled = (bias.const_value.numpy() * np.float32(beta)).astype(np.float32)
-            return _constant(graph, f"{name}_bias_{node.name}", ir.tensor(scaled))
+            return _constant(graph, f"{tag}_bias", ir.tensor(scaled))
         if bias.const_value is None:
             return None
         rank = len(node.inputs[1].shape or ()) if node.inputs[1] is not None else 4
         array = bias.const_value.numpy().reshape((1, -1) + (1,) * (rank - 2))
-        return _constant(graph, f"{name}_bias_{node.name}", ir.tensor(array))
+        return _constant(graph, f"{tag}_bias", ir.tensor(array))
 
 
 def _dynamic_quantize(graph: ir.Graph, x: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:

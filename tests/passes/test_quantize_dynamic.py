@@ -101,3 +101,24 @@ def test_model_already_quantised_is_left_alone_with_a_note():
     twice, result = _quantize(once)
     assert not result.modified and any("already quantised" in n for n in result.notes)
     assert len(twice.graph.node) == len(once.graph.node)
+
+
+def test_model_without_value_info_or_node_names_is_quantised():
+    """Regression: unnamed nodes gave duplicate node names, and outputs of unknown dtype made
+    the pass's own ORT check fail to serialise the model (found in review)."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        "bare",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        [numpy_helper.from_array(RNG.standard_normal((16, 12)).astype(np.float32), "w1"),
+         numpy_helper.from_array(RNG.standard_normal((12, 6)).astype(np.float32), "w2")],
+    )  # fmt: skip
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model, report = onnxcomp.optimize(ir.serde.deserialize_model(original), "int8-dynamic")
+    assert report.records[0].stats["weights_quantized"] == 2
+    assert report.final_check[0].cosine > 0.999
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMulInteger") == 2 and "MatMul" not in ops
