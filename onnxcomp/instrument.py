@@ -15,6 +15,7 @@ from onnx_ir.passes import common as common_passes
 
 from onnxcomp import runtime
 from onnxcomp.data import Dataset
+from onnxcomp.errors import UsageError
 
 NUMERIC_KINDS = "fciub"
 
@@ -25,6 +26,10 @@ class Tolerance:
 
     atol: float = 1e-4
     rtol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if not (self.atol >= 0 and self.rtol >= 0):  # also refuses NaN
+            raise UsageError(f"tolerances must be >= 0 (atol {self.atol}, rtol {self.rtol})")
 
     def __str__(self) -> str:
         return f"|err| <= {self.atol:g} + {self.rtol:g}*max|ref|"

@@ -146,6 +146,8 @@ def run_pipeline(
     level: str = "basic",
 ) -> PipelineReport:
     """Run ``passes`` on ``model`` in place and return the ledger; raises on any failed pass."""
+    if check_samples < 1:
+        raise UsageError(f"check_samples must be >= 1, not {check_samples}")
     steps = build_passes(passes, data=data)
     if any(p.needs_teacher and p.teacher is None for _, p in steps):
         # A snapshot of the input for passes that train against it; clone() shares tensors,

@@ -242,3 +242,16 @@ def test_report_into_a_missing_directory_fails_before_anything_is_written(capsys
     args = _opt(cnn_path, cnn_path.parent / "o.onnx", "fold-bn",
                 "--report", str(cnn_path.parent / "no" / "r.json"))  # fmt: skip
     _run_bad(capsys, cnn_path.parent, args, 2, "does not exist")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--check-samples", "0"], "check_samples must be >= 1"),
+        (["--atol", "-1"], "tolerances must be >= 0"),
+        (["--rtol", "nan"], "tolerances must be >= 0"),
+    ],
+)
+def test_numeric_check_settings_are_validated(capsys, cnn_path: Path, extra, needle):
+    args = _opt(cnn_path, cnn_path.parent / "o.onnx", "fold-bn", *extra)
+    _run_bad(capsys, cnn_path.parent, args, 2, needle)
