@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from onnxcomp.analysis.summary import ModelSummary
@@ -141,7 +142,7 @@ def print_summary(summary: ModelSummary, console: Console, *, path: str,
         io_table.add_column(column)
     for kind, values in (("input", summary.inputs), ("output", summary.outputs)):
         for name, dtype, shape in values:
-            io_table.add_row(kind, name, dtype, shape)
+            io_table.add_row(kind, escape(name), dtype, escape(shape))  # "[N, 3]" is not markup
     console.print(io_table)
 
     params = Table(title="parameters by dtype", title_justify="left")

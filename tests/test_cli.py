@@ -255,3 +255,9 @@ def test_report_into_a_missing_directory_fails_before_anything_is_written(capsys
 def test_numeric_check_settings_are_validated(capsys, cnn_path: Path, extra, needle):
     args = _opt(cnn_path, cnn_path.parent / "o.onnx", "fold-bn", *extra)
     _run_bad(capsys, cnn_path.parent, args, 2, needle)
+
+
+def test_inspect_table_shows_shapes(capsys, cnn_path: Path):
+    """Regression: rich read "[N, 1, 4, 4]" as markup and printed an empty shape column."""
+    assert main(["inspect", str(cnn_path)]) == 0
+    assert "[N, 1, 4, 4]" in capsys.readouterr().out

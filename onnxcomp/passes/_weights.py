@@ -117,12 +117,16 @@ def find_weights(
     if unknown:
         raise ValueError(f"no weight inputs known for {sorted(unknown)}")
     found: dict[ir.Value, list[WeightUse]] = {}
+    quantized: dict[ir.Value, None] = {}
     skipped: list[Skipped] = []
     for node in model.graph:
         for index in WEIGHT_INPUTS.get(node.op_type, ()):
             if node.op_type not in op_types or index >= len(node.inputs):
                 continue
             value = node.inputs[index]
+            if value is not None and _dequantized_constant(value):
+                quantized[value] = None
+                continue
             if value is None or value.const_value is None or not value.is_initializer():
                 continue  # an activation, not a weight
             if node.op_type == "Slice" and not _is_table(value.const_value):
@@ -137,8 +141,21 @@ def find_weights(
             skipped.append(Skipped(value.name or "?", reason))
         else:
             weights.append(Weight(value, uses))
+    already = "already quantised (read through DequantizeLinear); compress before quantising"
+    skipped.extend(Skipped(value.name or "?", already) for value in quantized)
     skipped.extend(_subgraph_weights(model, op_types))
     return weights, skipped
+
+
+def _dequantized_constant(value: ir.Value) -> bool:
+    """Whether ``value`` is a DequantizeLinear of a constant: a weight quantised already."""
+    producer = value.producer()
+    return (
+        producer is not None
+        and producer.op_type == "DequantizeLinear"
+        and producer.inputs[0] is not None
+        and producer.inputs[0].const_value is not None
+    )
 
 
 def lift_constant_weights(model: ir.Model) -> int:
@@ -151,13 +168,20 @@ def lift_constant_weights(model: ir.Model) -> int:
     return before - sum(1 for n in model.graph if n.op_type == "Constant")
 
 
-def describe_skips(skipped: Sequence[Skipped], kept: str = "in float") -> list[str]:
-    """One report note per reason: ``kept 3 weights in float (reason): a, b, c``."""
+def lifted_note(count: int) -> list[str]:
+    """The report note for :func:`lift_constant_weights` having lifted ``count`` tensors."""
+    if not count:
+        return []
+    return [f"lifted {count} Constant nodes to initializers (weights may sit there)"]
+
+
+def describe_skips(skipped: Sequence[Skipped], kept: str = "as they were") -> list[str]:
+    """One report note per reason: ``3 weights left as they were (reason): a, b, c``."""
     by_reason: dict[str, list[str]] = {}
     for skip in skipped:
         by_reason.setdefault(skip.reason, []).append(skip.name)
     return [
-        f"kept {len(names)} weights {kept} ({reason}): {name_list(names)}"
+        f"{len(names)} weights left {kept} ({reason}): {name_list(names)}"
         for reason, names in by_reason.items()
     ]
 

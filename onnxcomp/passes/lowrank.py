@@ -36,7 +36,12 @@ from onnxcomp.passes._base import (
     name_list,
     option,
 )
-from onnxcomp.passes._weights import Weight, find_weights
+from onnxcomp.passes._weights import (
+    Weight,
+    find_weights,
+    lift_constant_weights,
+    lifted_note,
+)
 
 FACTORABLE_OPS = ("Gemm", "MatMul", "Conv")
 
@@ -82,9 +87,10 @@ class LowRankPass(CompressionPass):
 
     def apply(self, model: ir.Model) -> CompressionResult:
         o = self.options
+        lifted = lift_constant_weights(model)
         weights, skipped = find_weights(model, o.op_types, exclude=o.exclude, min_size=o.min_size)
         notes = [str(s) for s in skipped]
-        notes += _quantized_notes(model, o.op_types)
+        notes = lifted_note(lifted) + notes
         kept: dict[str, list[str]] = defaultdict(list)
         per_layer: dict[str, dict] = {}
         before = after = 0
@@ -214,18 +220,3 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     )
     graph.register_initializer(value)
     return value
-
-
-def _quantized_notes(model: ir.Model, op_types: tuple[str, ...]) -> list[str]:
-    names = []
-    for node in model.graph:
-        if node.op_type in op_types and len(node.inputs) > 1 and node.inputs[1] is not None:
-            producer = node.inputs[1].producer()
-            if producer is not None and producer.op_type == "DequantizeLinear":
-                names.append(node.name or node.outputs[0].name or "?")
-    if not names:
-        return []
-    return [
-        f"kept {len(names)} quantised weights (DequantizeLinear) as they are: {name_list(names)}; "
-        "run lowrank before quantisation"
-    ]

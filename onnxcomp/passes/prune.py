@@ -33,7 +33,14 @@ import onnx_ir as ir
 from onnxcomp import masks
 from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
-from onnxcomp.passes._weights import WEIGHT_INPUTS, Weight, WeightUse, find_weights
+from onnxcomp.passes._weights import (
+    WEIGHT_INPUTS,
+    Weight,
+    WeightUse,
+    find_weights,
+    lift_constant_weights,
+    lifted_note,
+)
 
 if TYPE_CHECKING:
     from onnxcomp.data import Dataset
@@ -189,9 +196,13 @@ def select_weights(
     skip_first: bool = False,
     skip_last: bool = False,
 ) -> tuple[list[Weight], list[str]]:
-    """Weights a pruning pass may rewrite, and a note for each weight it may not."""
+    """Weights a pruning pass may rewrite, and a note for each weight it may not.
+
+    Weights held in Constant nodes are lifted to initializers first (a note says so)."""
+    lifted = lift_constant_weights(model)
     weights, skipped = find_weights(model, op_types, exclude=exclude, min_size=min_size)
     notes = [str(s) for s in skipped]
+    notes = lifted_note(lifted) + notes
     first, last = boundary_layers(model, op_types)
     selected = []
     for weight in weights:

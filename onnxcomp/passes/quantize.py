@@ -44,6 +44,7 @@ from onnxcomp.passes._weights import (
     describe_skips,
     find_weights,
     lift_constant_weights,
+    lifted_note,
 )
 
 # The scale carries the weight's dtype (DequantizeLinear's output dtype is the scale's).
@@ -131,8 +132,7 @@ class WeightQuantizePass(CompressionPass):
         options = self._options
         notes: list[str] = []
         lifted = lift_constant_weights(model)
-        if lifted:
-            notes.append(f"lifted {lifted} Constant nodes to initializers (weights may sit there)")
+        notes.extend(lifted_note(lifted))
         already = quantized_weight_count(model)
         if already:
             notes.append(f"the model already has {already} quantised weights; left them alone")

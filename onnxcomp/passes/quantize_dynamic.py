@@ -39,6 +39,7 @@ from onnxcomp.passes._weights import (
     describe_skips,
     find_weights,
     lift_constant_weights,
+    lifted_note,
 )
 
 OPSET_DYNAMIC = 11  # DynamicQuantizeLinear
@@ -87,8 +88,7 @@ class DynamicQuantizePass(CompressionPass):
             notes.append(f"the model is already quantised ({', '.join(already)}); left it alone")
             return CompressionResult(model, False, stats={"weights_quantized": 0}, notes=notes)
         lifted = lift_constant_weights(model)
-        if lifted:
-            notes.append(f"lifted {lifted} Constant nodes to initializers (weights may sit there)")
+        notes.extend(lifted_note(lifted))
         # Activation dtypes decide what can run as MatMulInteger; models without value_info
         # (hand-built, older exporters) need them inferred.
         common_passes.ShapeInferencePass()(model)

@@ -75,6 +75,7 @@ from onnxcomp.passes._weights import (
     describe_skips,
     find_weights,
     lift_constant_weights,
+    lifted_note,
     matches,
 )
 from onnxcomp.quant import calibrate
@@ -206,8 +207,7 @@ class StaticQuantizePass(CompressionPass):
             notes.append(f"the model is already quantised ({', '.join(already)}); left it alone")
             return CompressionResult(model, False, stats={"weights_quantized": 0}, notes=notes)
         lifted = lift_constant_weights(model)
-        if lifted:
-            notes.append(f"lifted {lifted} Constant nodes to initializers (weights may sit there)")
+        notes.extend(lifted_note(lifted))
         notes.extend(upgrade_opset(model, OPSET_QDQ, why="per-channel QuantizeLinear"))
         if options.fold_bn and any(n.op_type == "BatchNormalization" for n in model.graph):
             from onnxcomp.passes.fold_bn import FoldBatchNormPass

@@ -305,3 +305,29 @@ def test_cli_prunes_digits_cnn_and_inspect_sees_the_sparsity(capsys, tmp_path: P
     zeros = sum(a.size - np.count_nonzero(a) for a in counted)
     assert inspected == pytest.approx(zeros / sum(a.size for a in counted))
     assert inspected > 0.45  # the pruned tensors hold most of the weights
+
+
+def test_pruning_after_quantisation_says_the_weights_are_quantised():
+    """Regression: int8,prune said only 'no weights to prune' (found in review)."""
+    _, report = onnxcomp.optimize(
+        MODELS / "digits_cnn.onnx", "int8,prune:skip_first=false:skip_last=false", check="none"
+    )
+    notes = report.records[1].notes
+    assert not report.records[1].modified
+    assert any("already quantised" in n for n in notes), notes
+
+
+def test_weights_held_in_constant_nodes_are_pruned():
+    """Regression: prune ignored weights in Constant nodes without a note (found in review)."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(
+            rng.standard_normal((8, 8)).astype(np.float32), "wv")),
+         helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "const_weight",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(helper.make_model(graph))
+    result = MagnitudePrunePass(MagnitudePruneOptions(sparsity=0.5, **EVERY_LAYER))(model)
+    assert result.modified and result.stats["sparsity"] == 0.5
