@@ -208,14 +208,19 @@ class StaticQuantizePass(CompressionPass):
             return CompressionResult(model, False, stats={"weights_quantized": 0}, notes=notes)
         lifted = lift_constant_weights(model)
         notes.extend(lifted_note(lifted))
-        notes.extend(upgrade_opset(model, OPSET_QDQ, why="per-channel QuantizeLinear"))
+        upgraded = upgrade_opset(model, OPSET_QDQ, why="per-channel QuantizeLinear")
+        notes.extend(upgraded)
+        folded = None
         if options.fold_bn and any(n.op_type == "BatchNormalization" for n in model.graph):
             from onnxcomp.passes.fold_bn import FoldBatchNormPass
 
             folded = FoldBatchNormPass()(model)
-            notes.append("folded BatchNormalization first (ONNX Runtime cannot fuse it into a "
-                         "quantised Conv)")  # fmt: skip
-            notes.extend(getattr(folded, "notes", []))
+            if folded.modified:
+                notes.append(
+                    f"folded {folded.stats['batchnorms_folded']} BatchNormalization first "
+                    "(ONNX Runtime cannot fuse it into a quantised Conv)"
+                )
+            notes.extend(folded.notes)
         common_passes.ShapeInferencePass()(model)
         _name_values(model.graph)
         self._ranges: dict[str, tuple[float, float]] = {}  # by value name, shared by trials
@@ -255,7 +260,8 @@ class StaticQuantizePass(CompressionPass):
                     f"ONNX Runtime left {stats['unfused_qdq_pairs']} QDQ pairs unfused "
                     "(they run as float fake-quantisation)"
                 )
-        return CompressionResult(model, bool(plan.nodes) or lifted > 0, stats=stats, notes=notes)
+        modified = bool(plan.nodes or lifted or upgraded or (folded and folded.modified))
+        return CompressionResult(model, modified, stats=stats, notes=notes)
 
     def _rewrite(self, model: ir.Model, mode: str) -> tuple[_Plan, list[Skipped], dict]:
         """Plan, calibrate and insert QDQ; ``mode`` places HardSwish/HardSigmoid (float or
@@ -476,9 +482,13 @@ class StaticQuantizePass(CompressionPass):
             users = {u.node for u in weight.uses}
             if users <= plan.nodes:
                 plan.weights.append(weight)
+            elif weight.value.const_value.dtype != ir.DataType.FLOAT:
+                dtype = weight.value.const_value.dtype.name.lower()
+                skipped.append(Skipped(weight.name, f"{dtype}, not float32: quantise before fp16"))
             else:
                 others = sorted({n.op_type for n in users - plan.nodes})
-                skipped.append(Skipped(weight.name, f"also read by float {'/'.join(others)}"))
+                reason = f"its {'/'.join(others)} stays in float (not inside an int8 region)"
+                skipped.append(Skipped(weight.name, reason))
         return plan, skipped
 
     # -- calibration -----------------------------------------------------------------------
