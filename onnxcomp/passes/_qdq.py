@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp import runtime
+from onnxcomp.passes._weights import add_initializer
 from onnxcomp.quant import pack
 
 INTEGER_TYPES = {
@@ -156,28 +157,6 @@ def quantized_weight_count(model: ir.Model) -> int:
                 if tensor is not None and tensor.dtype in LOW_BIT_TYPES:
                     count += 1
     return count
-
-
-def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
-    """Register ``tensor`` as an initializer of ``graph`` under ``name`` (made unique)."""
-    name = _unique_name(graph, name)
-    tensor.name = name
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(tensor.shape),
-        type=ir.TensorType(tensor.dtype),
-        const_value=tensor,
-    )
-    graph.register_initializer(value)
-    return value
-
-
-def _unique_name(graph: ir.Graph, name: str) -> str:
-    taken = graph.initializers
-    candidate, index = name, 1
-    while candidate in taken:
-        candidate, index = f"{name}_{index}", index + 1
-    return candidate
 
 
 INT8_KERNELS = frozenset(

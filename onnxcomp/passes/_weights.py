@@ -175,6 +175,28 @@ def lifted_note(count: int) -> list[str]:
     return [f"lifted {count} Constant nodes to initializers (weights may sit there)"]
 
 
+def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register ``tensor`` as an initializer of ``graph`` under ``name`` (made unique)."""
+    name = _unique_name(graph, name)
+    tensor.name = name
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(tensor.shape),
+        type=ir.TensorType(tensor.dtype),
+        const_value=tensor,
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def _unique_name(graph: ir.Graph, name: str) -> str:
+    taken = graph.initializers
+    candidate, index = name, 1
+    while candidate in taken:
+        candidate, index = f"{name}_{index}", index + 1
+    return candidate
+
+
 def describe_skips(skipped: Sequence[Skipped], kept: str = "as they were") -> list[str]:
     """One report note per reason: ``3 weights left as they were (reason): a, b, c``."""
     by_reason: dict[str, list[str]] = {}

@@ -38,6 +38,7 @@ from onnxcomp.passes._base import (
 )
 from onnxcomp.passes._weights import (
     Weight,
+    add_initializer,
     find_weights,
     lift_constant_weights,
     lifted_note,
@@ -167,8 +168,8 @@ def _rewire(graph: ir.Graph, weight: Weight, factors: factor.Factors) -> None:
         shape = weight.shape
         left = left.reshape(shape[0], factors.rank, *([1] * (len(shape) - 2)))
         right = right.reshape(factors.rank, *shape[1:])
-    left_value = _initializer(graph, f"{weight.name}.lowrank_left", left)
-    right_value = _initializer(graph, f"{weight.name}.lowrank_right", right)
+    left_value = add_initializer(graph, f"{weight.name}.lowrank_left", ir.tensor(left))
+    right_value = add_initializer(graph, f"{weight.name}.lowrank_right", ir.tensor(right))
     for use in weight.uses:
         _replace_use(graph, use.node, left_value, right_value)
     graph.initializers.pop(weight.name)
@@ -206,17 +207,3 @@ def _replace_use(graph: ir.Graph, node: ir.Node, left: ir.Value, right: ir.Value
     ir.convenience.replace_nodes_and_values(
         graph, node, [node], [first, second], [node.outputs[0]], [second.outputs[0]]
     )
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    base, index = name, 1
-    while name in graph.initializers:
-        name, index = f"{base}_{index}", index + 1
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value

@@ -36,6 +36,7 @@ from onnxcomp.passes._qdq import integer_tensor, is_quantized, unfused_qdq
 from onnxcomp.passes._weights import (
     Skipped,
     Weight,
+    add_initializer,
     describe_skips,
     find_weights,
     lift_constant_weights,
@@ -195,8 +196,10 @@ class DynamicQuantizePass(CompressionPass):
         channels = array.shape[axis] if axis is not None else 1
         # Symmetric weights: zero points are 0. ConvInteger takes only a scalar one.
         zero_shape = (channels,) if axis is not None and layout != "conv" else ()
-        q = _constant(graph, f"{name}_quantized", integer_tensor(codes, 8, ""))
-        w_zero = _constant(graph, f"{name}_zero_point", ir.tensor(np.zeros(zero_shape, np.int8)))
+        q = add_initializer(graph, f"{name}_quantized", integer_tensor(codes, 8, ""))
+        w_zero = add_initializer(
+            graph, f"{name}_zero_point", ir.tensor(np.zeros(zero_shape, np.int8))
+        )
         w_scale = np.asarray(scale, dtype=np.float32)
         nbytes = q.const_value.nbytes + w_zero.const_value.nbytes + w_scale.nbytes  # type: ignore[union-attr]
         for number, use in enumerate(weight.uses):
@@ -214,19 +217,15 @@ class DynamicQuantizePass(CompressionPass):
             if layout == "conv":
                 shape = (1, -1) + (1,) * (len(weight.shape) - 2)
                 column_scale = column_scale.reshape(shape) if axis is not None else column_scale
-            scale_value = _constant(graph, f"{tag}_scale", ir.tensor(column_scale))
+            scale_value = add_initializer(graph, f"{tag}_scale", ir.tensor(column_scale))
             integer_op = "ConvInteger" if layout == "conv" else "MatMulInteger"
             attributes = {k: v for k, v in node.attributes.items()} if layout == "conv" else {}
             integer = ir.node(
                 integer_op, [x_q, q, x_zero, w_zero], attributes, name=f"{tag}_integer"
             )
-            cast = ir.node(
-                "Cast", integer.outputs, {"to": ir.DataType.FLOAT}, name=f"{tag}_cast"
-            )
+            cast = ir.node("Cast", integer.outputs, {"to": ir.DataType.FLOAT}, name=f"{tag}_cast")
             scales = ir.node("Mul", [x_scale, scale_value], name=f"{tag}_scales")
-            result = ir.node(
-                "Mul", [cast.outputs[0], scales.outputs[0]], name=f"{tag}_rescale"
-            )
+            result = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=f"{tag}_rescale")
             new_nodes = [integer, cast, scales, result]
             out = result.outputs[0]
             bias = self._bias(graph, node, tag)
@@ -258,12 +257,12 @@ class DynamicQuantizePass(CompressionPass):
             if beta == 1.0 or bias.const_value is None:
                 return bias
             scaled = (bias.const_value.numpy() * np.float32(beta)).astype(np.float32)
-            return _constant(graph, f"{tag}_bias", ir.tensor(scaled))
+            return add_initializer(graph, f"{tag}_bias", ir.tensor(scaled))
         if bias.const_value is None:
             return None
         rank = len(node.inputs[1].shape or ()) if node.inputs[1] is not None else 4
         array = bias.const_value.numpy().reshape((1, -1) + (1,) * (rank - 2))
-        return _constant(graph, f"{tag}_bias", ir.tensor(array))
+        return add_initializer(graph, f"{tag}_bias", ir.tensor(array))
 
 
 def _dynamic_quantize(graph: ir.Graph, x: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
@@ -279,16 +278,3 @@ def _dynamic_quantize(graph: ir.Graph, x: ir.Value) -> tuple[ir.Value, ir.Value,
     else:
         graph.insert_before(graph[0], node)
     return q, scale, zero
-
-
-def _constant(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
-    candidate, index = name, 1
-    while candidate in graph.initializers:
-        candidate, index = f"{name}_{index}", index + 1
-    tensor.name = candidate
-    value = ir.Value(
-        name=candidate, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
-        const_value=tensor,
-    )  # fmt: skip
-    graph.register_initializer(value)
-    return value

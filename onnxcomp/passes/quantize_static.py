@@ -63,7 +63,6 @@ from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOption
 from onnxcomp.passes._opset import upgrade_opset
 from onnxcomp.passes._qdq import (
     add_dequantized_weight,
-    add_initializer,
     add_quantize_dequantize,
     add_rescaled_dequantize,
     is_quantized,
@@ -72,6 +71,7 @@ from onnxcomp.passes._qdq import (
 from onnxcomp.passes._weights import (
     Skipped,
     Weight,
+    add_initializer,
     describe_skips,
     find_weights,
     lift_constant_weights,
