@@ -82,6 +82,8 @@ from onnxcomp.quant import calibrate
 
 OPSET_QDQ = 13  # per-axis QuantizeLinear / DequantizeLinear
 CORE_OPS = ("Conv", "MatMul", "Gemm")
+# Ops whose outputs are bounded ([0, 1] or [-1, 1]): calibrated by their observed extremes.
+BOUNDED_OPS = frozenset({"Softmax", "Sigmoid", "HardSigmoid", "Tanh"})
 INT8_OPS = frozenset(
     {"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"}
 )
@@ -535,6 +537,13 @@ class StaticQuantizePass(CompressionPass):
             hist = hists[name]
             if hist.empty:
                 ranges[value] = (0.0, 0.0)
+                continue
+            producer = value.producer()
+            if producer is not None and producer.op_type in BOUNDED_OPS:
+                # Outputs confined to [0, 1] or [-1, 1] have no outliers to clip: the rare
+                # large values (attention weights near 1) are the information. KL clipped a
+                # Softmax to [0, 0.25] and the encoder's cosine fell to 0.96.
+                ranges[value] = (min(hist.low, 0.0), max(hist.high, 0.0))
                 continue
             unsigned = hist.low >= 0
             ranges[value] = calibrate.compute_range(
