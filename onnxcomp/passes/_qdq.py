@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp import runtime
+from onnxcomp.passes._base import CompressionResult
 from onnxcomp.passes._weights import add_initializer
 from onnxcomp.quant import pack
 
@@ -131,6 +132,15 @@ def add_rescaled_dequantize(
     output.shape = dequantized.shape
     graph.append(node)
     return output
+
+
+def leave_quantized_alone(model: ir.Model) -> CompressionResult | None:
+    """A no-change result saying so, when the model is quantised already; else None."""
+    already = is_quantized(model)
+    if not already:
+        return None
+    note = f"the model is already quantised ({', '.join(already)}); left it alone"
+    return CompressionResult(model, False, stats={"weights_quantized": 0}, notes=[note])
 
 
 def is_quantized(model: ir.Model) -> list[str]:

@@ -122,14 +122,11 @@ class WeightQuantizePass(CompressionPass):
 
     summary = "weight-only quantisation: integer weights + DequantizeLinear (int8/int4/int2)"
     options_class = WeightQuantizeOptions
+    options: WeightQuantizeOptions
     lossless = False
 
-    @property
-    def _options(self) -> WeightQuantizeOptions:
-        return self.options  # type: ignore[return-value]
-
     def apply(self, model: ir.Model) -> CompressionResult:
-        options = self._options
+        options = self.options
         notes: list[str] = []
         lifted = lift_constant_weights(model)
         notes.extend(lifted_note(lifted))
@@ -178,7 +175,7 @@ class WeightQuantizePass(CompressionPass):
         return CompressionResult(model, bool(weights) or lifted > 0, stats=stats, notes=notes)
 
     def _form(self) -> str:
-        options = self._options
+        options = self.options
         if options.bits == 2:
             return f"{options.scheme} INT2 storage"
         if options.bits == 4 or options.block_size:
@@ -186,7 +183,7 @@ class WeightQuantizePass(CompressionPass):
         return "per-channel DequantizeLinear"
 
     def _needed_opset(self, weights: list[Weight]) -> int:
-        options = self._options
+        options = self.options
         if options.bits == 2:
             return OPSET_INT2
         if options.bits == 4 or options.block_size:
@@ -197,7 +194,7 @@ class WeightQuantizePass(CompressionPass):
 
     def _find(self, model: ir.Model) -> tuple[list[Weight], list[Skipped]]:
         """Weights this pass quantises, and every weight-like tensor it leaves, with why."""
-        options = self._options
+        options = self.options
         wanted = set(options.op_types) - (set() if options.include_embeddings else TABLE_OPS)
         found, skipped = find_weights(
             model, tuple(WEIGHT_INPUTS), exclude=options.exclude, min_size=options.min_size
@@ -224,7 +221,7 @@ class WeightQuantizePass(CompressionPass):
 
     def _layout(self, weight: Weight) -> _Layout:
         """Blocks along the input axis, else per output channel, else one scale (with why)."""
-        options = self._options
+        options = self.options
         fallback = None
         if options.block_size:
             axes = {_input_axis(use.node, len(weight.shape)) for use in weight.uses}
@@ -245,7 +242,7 @@ class WeightQuantizePass(CompressionPass):
 
     def _quantize(self, graph: ir.Graph, weight: Weight, layout: _Layout) -> int:
         """Replace ``weight`` by DequantizeLinear of its codes; returns the new bytes."""
-        options = self._options
+        options = self.options
         array = weight.array
         axis, block = layout.axis, layout.block_size
         zero_point = None

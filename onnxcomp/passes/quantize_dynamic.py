@@ -32,7 +32,7 @@ from onnxcomp import quant
 from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
 from onnxcomp.passes._opset import upgrade_opset
-from onnxcomp.passes._qdq import integer_tensor, is_quantized, unfused_qdq
+from onnxcomp.passes._qdq import integer_tensor, leave_quantized_alone, unfused_qdq
 from onnxcomp.passes._weights import (
     Skipped,
     Weight,
@@ -75,19 +75,15 @@ class DynamicQuantizePass(CompressionPass):
 
     summary = "dynamic int8: int8 weights, activations quantised at run time (MatMul/Gemm)"
     options_class = DynamicQuantizeOptions
+    options: DynamicQuantizeOptions
     lossless = False
 
-    @property
-    def _options(self) -> DynamicQuantizeOptions:
-        return self.options  # type: ignore[return-value]
-
     def apply(self, model: ir.Model) -> CompressionResult:
-        options = self._options
+        options = self.options
         notes: list[str] = []
-        already = is_quantized(model)
-        if already:
-            notes.append(f"the model is already quantised ({', '.join(already)}); left it alone")
-            return CompressionResult(model, False, stats={"weights_quantized": 0}, notes=notes)
+        left_alone = leave_quantized_alone(model)
+        if left_alone is not None:
+            return left_alone
         lifted = lift_constant_weights(model)
         notes.extend(lifted_note(lifted))
         # Activation dtypes decide what can run as MatMulInteger; models without value_info
@@ -127,7 +123,7 @@ class DynamicQuantizePass(CompressionPass):
         return CompressionResult(model, bool(weights) or lifted > 0, stats=stats, notes=notes)
 
     def _find(self, model: ir.Model) -> tuple[list[Weight], list[Skipped]]:
-        options = self._options
+        options = self.options
         found, skipped = find_weights(
             model, ("Conv", "Gemm", "MatMul", "Gather"), exclude=options.exclude,
             min_size=options.min_size,
@@ -145,7 +141,7 @@ class DynamicQuantizePass(CompressionPass):
         ops = weight.op_types
         if ops == {"Gather"}:
             return "embedding table (a run-time DequantizeLinear of the whole table is slower)"
-        unwanted = sorted(ops - set(self._options.op_types))
+        unwanted = sorted(ops - set(self.options.op_types))
         if unwanted:
             return f"read by {'/'.join(unwanted)}, not in op_types"
         if weight.value.const_value.dtype != ir.DataType.FLOAT:
@@ -189,7 +185,7 @@ class DynamicQuantizePass(CompressionPass):
         """Quantise ``weight`` once and rewrite each consumer; returns the new bytes."""
         layout = self._layout(weight.uses[0].node)
         array = weight.array.T if layout == "transposed" else weight.array
-        axis = (0 if layout == "conv" else 1) if self._options.per_channel else None
+        axis = (0 if layout == "conv" else 1) if self.options.per_channel else None
         scale, _ = quant.linear_params(array, 8, axis=axis, symmetric=True, dtype=np.float32)
         codes = quant.quantize(array, scale, None, 8, axis=axis)
         name = weight.name

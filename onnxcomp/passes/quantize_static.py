@@ -65,7 +65,7 @@ from onnxcomp.passes._qdq import (
     add_dequantized_weight,
     add_quantize_dequantize,
     add_rescaled_dequantize,
-    is_quantized,
+    leave_quantized_alone,
     unfused_qdq,
 )
 from onnxcomp.passes._weights import (
@@ -193,21 +193,17 @@ class StaticQuantizePass(CompressionPass):
 
     summary = "static int8: calibrated QDQ on activations + per-channel weights (needs --data)"
     options_class = StaticQuantizeOptions
+    options: StaticQuantizeOptions
     lossless = False
     needs_data = True
 
-    @property
-    def _options(self) -> StaticQuantizeOptions:
-        return self.options  # type: ignore[return-value]
-
     def apply(self, model: ir.Model) -> CompressionResult:
-        options = self._options
+        options = self.options
         assert self.data is not None
         notes: list[str] = []
-        already = is_quantized(model)
-        if already:
-            notes.append(f"the model is already quantised ({', '.join(already)}); left it alone")
-            return CompressionResult(model, False, stats={"weights_quantized": 0}, notes=notes)
+        left_alone = leave_quantized_alone(model)
+        if left_alone is not None:
+            return left_alone
         lifted = lift_constant_weights(model)
         notes.extend(lifted_note(lifted))
         upgraded = upgrade_opset(model, OPSET_QDQ, why="per-channel QuantizeLinear")
@@ -268,7 +264,7 @@ class StaticQuantizePass(CompressionPass):
     def _rewrite(self, model: ir.Model, mode: str) -> tuple[_Plan, list[Skipped], dict]:
         """Plan, calibrate and insert QDQ; ``mode`` places HardSwish/HardSigmoid (float or
         int8). Returns the plan, the weights left in float and the stats."""
-        options = self._options
+        options = self.options
         assert self.data is not None
         composites = _decompose_hard_activations(model.graph) if mode == "int8" else []
         plan, skipped = self._plan(model)
@@ -313,7 +309,7 @@ class StaticQuantizePass(CompressionPass):
         """Quantise a copy of ``model`` with each hard_activations mode, time the copies in ONNX
         Runtime (level all, one thread, interleaved) on calibration samples; the faster mode
         and what was measured."""
-        options = self._options
+        options = self.options
         assert self.data is not None
         started = time.perf_counter()
         feeds = next(_calibration_batches(model, self.data, options.samples, options.trim_padding))
@@ -343,7 +339,7 @@ class StaticQuantizePass(CompressionPass):
     # -- placement -------------------------------------------------------------------------
 
     def _plan(self, model: ir.Model) -> tuple[_Plan, list[Skipped]]:
-        options = self._options
+        options = self.options
         graph = model.graph
         found, skipped = find_weights(model, ("Conv", "Gemm", "MatMul"), exclude=options.exclude)
         weight_of = {use.node: w for w in found for use in w.uses}
@@ -497,7 +493,7 @@ class StaticQuantizePass(CompressionPass):
 
     def _calibrate(self, model: ir.Model, plan: _Plan) -> dict[ir.Value, tuple[float, float]]:
         """Range of every value that gets its own quantisation parameters."""
-        options = self._options
+        options = self.options
         values = plan.own_range()
         constants = {v for v in values if v.const_value is not None}
         ranges: dict[ir.Value, tuple[float, float]] = {}
@@ -560,7 +556,7 @@ class StaticQuantizePass(CompressionPass):
         low, high = bounds
         low, high = _clip_bounds(value, low, high)
         unsigned = low >= 0
-        symmetric = self._options.symmetric and not unsigned
+        symmetric = self.options.symmetric and not unsigned
         if high - low <= 0:
             high = low + 1e-6 if not symmetric else 1e-6
         scale, zero_point, _, _ = calibrate.range_params(low, high, 8, symmetric)
@@ -571,7 +567,7 @@ class StaticQuantizePass(CompressionPass):
     def _quantize_weight(self, graph: ir.Graph, weight: Weight) -> tuple[int, np.ndarray]:
         """Per-channel symmetric int8 weight behind DequantizeLinear; (bytes, scale)."""
         array = weight.array
-        axis = weight.channel_axis if self._options.per_channel else None
+        axis = weight.channel_axis if self.options.per_channel else None
         scale, _ = quant.linear_params(array, 8, axis=axis, symmetric=True, dtype=np.float32)
         codes = quant.quantize(array, scale, None, 8, axis=axis)
         # An explicit zero zero-point: ONNX Runtime's Gemm fusion needs it to see int8 weights.
@@ -619,7 +615,7 @@ class StaticQuantizePass(CompressionPass):
     def _insert_qdq(
         self, graph: ir.Graph, plan: _Plan, params: dict[ir.Value, tuple[float, int]]
     ) -> None:
-        unsigned = self._options.activation_dtype == "uint8"
+        unsigned = self.options.activation_dtype == "uint8"
         dtype = ir.DataType.UINT8 if unsigned else ir.DataType.INT8
         dequantized: dict[ir.Value, ir.Value] = {}
         for value, (scale, zero_point) in params.items():
