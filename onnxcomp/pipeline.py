@@ -156,6 +156,12 @@ def run_pipeline(
         for _, p in steps:
             if p.needs_teacher and p.teacher is None:
                 p.teacher = teacher
+    for label, compression_pass in steps:
+        try:
+            compression_pass.preflight()
+        except OnnxcompError as e:
+            e.with_context(f"pass '{label}'")
+            raise
     before = Snapshot.of(summarize(model))
     # Results are held to the strict checker only if the input passes it.
     strict = check_model(model, full=True) is None

@@ -224,3 +224,19 @@ def test_lossless_pass_after_a_lossy_one_is_held_to_the_outputs_before_it(mlp_pa
     assert report.final_check[0].max_abs > 0.1  # the lossy pass's error, reported
     with pytest.raises(PassFailedError, match="lossless pass moved output 'y'"):
         onnxcomp.optimize(mlp_path, [Lossy(), _ScaleWeightsPass()], check="final")
+
+
+def test_a_pass_missing_its_data_fails_before_any_pass_runs(mlp_path: Path):
+    """A long pipeline must not run for minutes and then fail at a step lacking --data."""
+    ran = []
+
+    class Recorder(CompressionPass):
+        summary = "test only"
+
+        def apply(self, model: ir.Model) -> CompressionResult:
+            ran.append(True)
+            return CompressionResult(model, False)
+
+    with pytest.raises(UsageError, match=r"^pass 'int8-static': .*--data"):
+        onnxcomp.optimize(mlp_path, [Recorder(), "int8-static"])
+    assert ran == []

@@ -116,7 +116,15 @@ class CompressionPass(ir.passes.InPlacePass):
         self.options = options
         self.data = data
 
+    def preflight(self) -> None:
+        """Checks that need no model (real inputs given, optional dependencies installed): the
+        pipeline runs them for every pass before the first pass runs, so a long pipeline does
+        not fail at its last step for a missing --data."""
+        if self.needs_data and self.data is None:
+            raise UsageError(f"{type(self).__name__} needs real inputs: pass --data FILE.npz")
+
     def requires(self, model: ir.Model) -> None:
+        self.preflight()
         opset = onnx_opset(model)
         # A model importing only other domains (ai.onnx.ml) has no default opset to check.
         if opset and opset < self.min_opset:
@@ -124,8 +132,6 @@ class CompressionPass(ir.passes.InPlacePass):
                 f"{type(self).__name__} needs opset >= {self.min_opset}, the model has opset "
                 f"{opset}; upgrade it first (e.g. onnx.version_converter)"
             )
-        if self.needs_data and self.data is None:
-            raise UsageError(f"{type(self).__name__} needs real inputs: pass --data FILE.npz")
 
     def call(self, model: ir.Model) -> CompressionResult:
         return self.apply(model)

@@ -130,6 +130,10 @@ class DistillPass(CompressionPass):
         self.teacher = teacher
         self.last_result: TrainResult | None = None
 
+    def preflight(self) -> None:
+        super().preflight()
+        require_torch()
+
     def requires(self, model: ir.Model) -> None:
         super().requires(model)
         if self.teacher is None:

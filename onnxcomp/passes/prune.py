@@ -109,8 +109,8 @@ class MagnitudePrunePass(CompressionPass):
     options_class = MagnitudePruneOptions
     options: MagnitudePruneOptions
 
-    def requires(self, model: ir.Model) -> None:
-        super().requires(model)
+    def preflight(self) -> None:
+        super().preflight()
         if self.options.importance == "entropy" and self.data is None:
             raise UsageError(
                 "prune:importance=entropy ranks channels by their activations on real inputs: "

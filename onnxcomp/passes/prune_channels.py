@@ -88,8 +88,8 @@ class ChannelPrunePass(CompressionPass):
     options_class = ChannelPruneOptions
     options: ChannelPruneOptions
 
-    def requires(self, model: ir.Model) -> None:
-        super().requires(model)
+    def preflight(self) -> None:
+        super().preflight()
         if self.options.importance == "entropy" and self.data is None:
             raise UsageError(
                 "prune-channels:importance=entropy ranks channels by their activations on real "
