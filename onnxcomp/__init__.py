@@ -17,16 +17,19 @@ import onnx_ir as ir
 
 from onnxcomp.data import Dataset, load_data
 from onnxcomp.errors import OnnxcompError, UsageError
-from onnxcomp.instrument import Tolerance
+from onnxcomp.instrument import LossBound, Tolerance
 from onnxcomp.io import check_writable, external_files, is_main_process, load, save
 from onnxcomp.passes._base import CompressionPass
 from onnxcomp.pipeline import DEFAULT_CHECK_SAMPLES, CheckMode, PipelineReport, run_pipeline
+from onnxcomp.target import Target, resolve_target
 
 __version__ = "0.1.0"
 __all__ = [
     "Dataset",
+    "LossBound",
     "OnnxcompError",
     "PipelineReport",
+    "Target",
     "Tolerance",
     "UsageError",
     "load",
@@ -46,14 +49,21 @@ def optimize(
     tolerance: Tolerance = Tolerance(),
     check: CheckMode = "each",
     check_samples: int = DEFAULT_CHECK_SAMPLES,
+    target: Target | str | None = None,
+    bound: LossBound = LossBound(),
 ) -> tuple[ir.Model, PipelineReport]:
     """Run ``passes`` and return the compressed model and the per-pass report.
 
     ``model`` is a path or an onnx_ir model (which is left as it was: the passes work on a
     copy). ``data`` is a Dataset or an ``.npz`` path; without it the numeric check uses random
-    inputs (dynamic dims from ``shapes``). With ``output``, the result is written atomically;
-    the input file is never overwritten.
+    inputs (dynamic dims from ``shapes``). ``target`` is the machine the model is for
+    (``portable`` by default, ``host`` probes this one; see :mod:`onnxcomp.target`). The result
+    must stay within ``bound`` of the input model (top-1 drop, output cosine), else
+    :class:`~onnxcomp.errors.LossBoundError` and nothing is written, unless
+    ``bound.allow_loss``. With ``output``, the result is written atomically; the input file is
+    never overwritten.
     """
+    target = resolve_target(target)
     input_path = file_bytes_before = None
     input_files: tuple[Path, ...] = ()  # never written over: the model, its data, --data
     had_external_data = False
@@ -82,6 +92,8 @@ def optimize(
         tolerance=tolerance,
         check=check,
         check_samples=check_samples,
+        target=target,
+        bound=bound,
     )
     report.input_path = str(input_path) if input_path is not None else None
     report.file_bytes_before = file_bytes_before

@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 
 from onnxcomp.errors import OnnxcompError, UsageError
+from onnxcomp.instrument import DEFAULT_MAX_DROP, DEFAULT_MIN_COSINE
+from onnxcomp.target import DEFAULT_TARGET, TARGET_NAMES
 
 DEBUG_HINT = "run with --debug for the traceback"
 
@@ -48,9 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance")
     optimize.add_argument("--rtol", type=float, default=1e-3,
                           help="tolerance relative to the largest reference output")
+    _add_target_argument(optimize)
+    optimize.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP, metavar="POINTS",
+                          help="fail (write nothing) if top-1 accuracy on --data's labels falls "
+                          f"more than this many points (default {DEFAULT_MAX_DROP:g}; -1: off)")
+    optimize.add_argument("--min-cosine", type=float, metavar="C",
+                          help="fail (write nothing) if any output's cosine to the input "
+                          f"model's falls below C (default {DEFAULT_MIN_COSINE:g} when --data "
+                          "has no labels, off when it has; -1: off)")
+    optimize.add_argument("--allow-loss", action="store_true",
+                          help="write the result even if it is below --max-drop/--min-cosine")
     optimize.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     commands.add_parser("passes", help="list the passes and their options")
+
+    doctor = commands.add_parser(
+        "doctor", help="this machine: CPU instruction sets, ONNX Runtime, what int8 passes do here"
+    )
+    _add_target_argument(doctor, default="host")
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    doctor.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     inspect = commands.add_parser("inspect", help="size, parameters, sparsity and ops of a model")
     inspect.add_argument("model")
@@ -143,11 +162,13 @@ def main(argv: list[str] | None = None) -> int:
             print(__version__)
             return 0
         if args.command is None:
-            raise UsageError("give a command: optimize, passes, inspect, bench, report or distill "
+            raise UsageError("give a command: optimize, passes, doctor, inspect, bench, report or "
+                             "distill "
                              "(see 'onnxcomp --help')")
         commands = {
             "optimize": _optimize,
             "passes": _passes,
+            "doctor": _doctor,
             "inspect": _inspect,
             "bench": _bench,
             "report": _report,
@@ -167,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _fail(f"internal error: {type(e).__name__}: {e} ({DEBUG_HINT})")
         return 1
+
+
+def _add_target_argument(parser: argparse.ArgumentParser, default: str = DEFAULT_TARGET) -> None:
+    parser.add_argument(
+        "--target", choices=TARGET_NAMES, default=default,
+        help="the machine the model is for: picks the integer layout of int8 passes (default "
+        "portable: right on every x86-64 with AVX2 and on ARM64; host: this machine)",
+    )  # fmt: skip
 
 
 def _fail(message: str) -> None:
@@ -196,6 +225,12 @@ def _optimize(args: argparse.Namespace) -> int:
             tolerance=onnxcomp.Tolerance(args.atol, args.rtol),
             check=args.check,
             check_samples=args.check_samples,
+            target=args.target,
+            bound=onnxcomp.LossBound(
+                max_drop=None if args.max_drop < 0 else args.max_drop,
+                min_cosine=args.min_cosine,
+                allow_loss=args.allow_loss,
+            ),
         )
     if not is_main_process():
         return 0  # torchrun workers: rank 0 prints and writes
@@ -231,6 +266,19 @@ def _passes(args: argparse.Namespace) -> int:
                 escape(help_text),
             )  # fmt: skip
         console.print(table)
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from onnxcomp.report import console as make_console
+    from onnxcomp.report import print_machine, to_json
+    from onnxcomp.target import machine_report, resolve_target
+
+    report = machine_report(resolve_target(args.target))
+    if args.json:
+        print(to_json(report), end="")
+    else:
+        print_machine(report, make_console())
     return 0
 
 

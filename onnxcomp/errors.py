@@ -40,3 +40,12 @@ class PassFailedError(OnnxcompError):
         super().__init__(f"pass '{pass_name}' failed: {reason}")
         self.pass_name = pass_name
         self.reason = reason
+
+
+class LossBoundError(OnnxcompError):
+    """The pipeline's result fell below the loss bound (--max-drop / --min-cosine); nothing was
+    written. ``pass_name`` is where the metric fell most."""
+
+    def __init__(self, message: str, pass_name: str | None) -> None:
+        super().__init__(message)
+        self.pass_name = pass_name

@@ -6,6 +6,9 @@ times each pass, runs a cleanup tail (dead code, topological sort, unique names)
 checker and a numeric comparison with the input model in ONNX Runtime. A pass that raises,
 breaks the checker, stops ONNX Runtime loading the model, or (if lossless) moves outputs past
 the tolerance fails the whole run with a :class:`PassFailedError`: nothing is written.
+Lossy passes are reported, not failed; the final model is then held to a :class:`LossBound`
+against the input model (top-1 drop, output cosine): a result below it raises
+:class:`LossBoundError` naming the pass where the metric fell most, unless ``allow_loss``.
 """
 
 from __future__ import annotations
@@ -23,9 +26,17 @@ from onnx_ir.passes import common as common_passes
 from onnxcomp import registry
 from onnxcomp.analysis.summary import ModelSummary, summarize
 from onnxcomp.data import Dataset, random_inputs, run_batch_size
-from onnxcomp.errors import OnnxcompError, PassFailedError, UsageError
-from onnxcomp.instrument import OutputDiff, Reference, Tolerance, check_model
+from onnxcomp.errors import LossBoundError, OnnxcompError, PassFailedError, UsageError
+from onnxcomp.instrument import (
+    LossBound,
+    OutputDiff,
+    Reference,
+    Tolerance,
+    check_model,
+    min_cosine,
+)
 from onnxcomp.passes._base import CompressionPass, CompressionResult
+from onnxcomp.target import Target, resolve_target
 
 CheckMode = Literal["each", "final", "none"]
 DEFAULT_CHECK_SAMPLES = 512
@@ -50,21 +61,27 @@ def parse_pipeline(text: str) -> list[tuple[str, dict[str, str]]]:
 
 
 def build_passes(
-    passes: str | Sequence[str | CompressionPass], *, data: Dataset | None = None
+    passes: str | Sequence[str | CompressionPass],
+    *,
+    data: Dataset | None = None,
+    target: Target | None = None,
 ) -> list[tuple[str, CompressionPass]]:
-    """Resolve a pipeline string or a list of names / pass objects into (label, pass) pairs."""
+    """Resolve a pipeline string or a list of names / pass objects into (label, pass) pairs;
+    ``data`` and ``target`` go to every pass that was not given its own."""
     items: list[str | CompressionPass] = [passes] if isinstance(passes, str) else list(passes)
     built: list[tuple[str, CompressionPass]] = []
     for item in items:
         if isinstance(item, CompressionPass):
             if item.data is None:
                 item.data = data
+            if item.target is None:
+                item.target = target
             built.append((_label(item), item))
             continue
         if not isinstance(item, str):
             raise UsageError(f"not a pass: {item!r}")
         for name, values in parse_pipeline(item):
-            built.append((name, registry.get(name).build(values, data=data)))
+            built.append((name, registry.get(name).build(values, data=data, target=target)))
     if not built:
         raise UsageError("no passes given")
     return built
@@ -109,6 +126,9 @@ class PipelineReport:
     check_inputs: str
     tolerance: Tolerance
     accuracy_before: float | None = None
+    target: str = ""
+    # The loss bound and how the final model stands against it (None: not checked).
+    guard: dict[str, Any] | None = None
     input_path: str | None = None
     output_path: str | None = None
     file_bytes_before: int | None = None
@@ -144,11 +164,15 @@ def run_pipeline(
     check: CheckMode = "each",
     check_samples: int = DEFAULT_CHECK_SAMPLES,
     level: str = "basic",
+    target: Target | str | None = None,
+    bound: LossBound = LossBound(),
 ) -> PipelineReport:
-    """Run ``passes`` on ``model`` in place and return the ledger; raises on any failed pass."""
+    """Run ``passes`` on ``model`` in place and return the ledger; raises on any failed pass
+    and on a result below ``bound`` (unless ``bound.allow_loss``)."""
     if check_samples < 1:
         raise UsageError(f"check_samples must be >= 1, not {check_samples}")
-    steps = build_passes(passes, data=data)
+    resolved = resolve_target(target)
+    steps = build_passes(passes, data=data, target=resolved)
     if any(p.needs_teacher and p.teacher is None for _, p in steps):
         # A snapshot of the input for passes that train against it; clone() shares tensors,
         # which passes never write into, so this costs no weight copies.
@@ -230,14 +254,95 @@ def run_pipeline(
             )
         )
     pipeline = ",".join(label for label, _ in steps)
-    return PipelineReport(
+    report = PipelineReport(
         pipeline,
         before,
         records,
         description,
         tolerance,
         accuracy_before=reference.accuracy if reference is not None else None,
+        target=resolved.describe(),
     )
+    if reference is not None:
+        report.guard = judge(report, bound)
+        if not report.guard["passed"] and not bound.allow_loss:
+            raise LossBoundError(report.guard["message"], report.guard["worst_pass"])
+    return report
+
+
+def judge(report: PipelineReport, bound: LossBound) -> dict[str, Any]:
+    """How the final model stands against ``bound``: the figures, whether it passed, and (when
+    it did not) the pass where the failing metric fell most and a one-line message."""
+    accuracy_after = report.records[-1].accuracy if report.records else report.accuracy_before
+    final = report.final_check or []
+    cosine = min_cosine(final)
+    drop = None
+    if report.accuracy_before is not None and accuracy_after is not None:
+        drop = (report.accuracy_before - accuracy_after) * 100
+    failures = []
+    if bound.max_drop is not None and drop is not None and drop > bound.max_drop:
+        failures.append(("accuracy", f"top-1 fell {drop:.2f} pt (--max-drop {bound.max_drop:g})"))
+    cosine_limit = bound.cosine_limit(has_labels=report.accuracy_before is not None)
+    if cosine_limit is not None and cosine is not None and cosine < cosine_limit:
+        failures.append(("cosine", f"output cosine {cosine:.4f} (--min-cosine {cosine_limit:g})"))
+    broken = [d.name for d in final if d.shape_mismatch or d.new_nonfinite]
+    if broken:
+        failures.append(("cosine", f"output {broken[0]} has new NaN/Inf or a new shape"))
+    verdict: dict[str, Any] = {
+        "bound": str(bound),
+        "max_drop": bound.max_drop,
+        "min_cosine": cosine_limit,
+        "accuracy_drop_pt": drop,
+        "cosine": cosine,
+        "passed": not failures,
+        "allowed": bool(failures) and bound.allow_loss,
+        "worst_pass": None,
+        "message": "",
+    }
+    if not failures:
+        return verdict
+    metric = failures[0][0]
+    worst, where = _worst_step(report, metric)
+    verdict["worst_pass"] = worst
+    verdict["message"] = (
+        f"the result is below the loss bound: {'; '.join(text for _, text in failures)}; "
+        f"{where}; nothing written (--allow-loss writes it anyway)"
+    )
+    return verdict
+
+
+def _worst_step(report: PipelineReport, metric: str) -> tuple[str | None, str]:
+    """The pass (or run of passes, where --check final left no figures between them) across
+    which ``metric`` fell most, and a phrase saying so."""
+
+    def value(record: PassRecord | None) -> float | None:
+        if record is None:
+            return report.accuracy_before if metric == "accuracy" else 1.0
+        if metric == "accuracy":
+            return record.accuracy
+        return min_cosine(record.check) if record.check is not None else None
+
+    worst: tuple[float, list[str], float, float] | None = None
+    previous, since = value(None), []
+    for record in report.records:
+        since.append(record.name)
+        current = value(record)
+        if current is None:
+            continue
+        if previous is not None and (worst is None or previous - current > worst[0]):
+            worst = (previous - current, since, previous, current)
+        previous, since = current, []
+    if worst is None:
+        return None, "no per-pass figures to say where"
+    _, names, start, end = worst
+    if metric == "accuracy":
+        figures = f"top-1 {start:.2%} -> {end:.2%}"
+    else:
+        figures = f"cosine {start:.4f} -> {end:.4f}"
+    if len(names) == 1:
+        return names[0], f"it fell most in pass '{names[0]}' ({figures})"
+    span = f"'{names[0]}' .. '{names[-1]}'"
+    return names[-1], f"it fell most across passes {span} ({figures}; --check each names one)"
 
 
 def _run_one(label: str, compression_pass: CompressionPass, model: ir.Model) -> CompressionResult:

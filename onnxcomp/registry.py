@@ -16,6 +16,7 @@ from onnxcomp.errors import UsageError
 if TYPE_CHECKING:
     from onnxcomp.data import Dataset
     from onnxcomp.passes._base import CompressionPass, PassOptions
+    from onnxcomp.target import Target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,14 +39,18 @@ class PassSpec:
         return self.load().options_class
 
     def build(
-        self, values: Mapping[str, str] | None = None, *, data: Dataset | None = None
+        self,
+        values: Mapping[str, str] | None = None,
+        *,
+        data: Dataset | None = None,
+        target: Target | None = None,
     ) -> CompressionPass:
         """The pass with presets, then ``values`` (option text from the command line), applied."""
         cls = self.load()
         options = cls.options_class.from_strings(
             values or {}, pass_name=self.name, defaults=self.presets
         )
-        return cls(options, data=data)
+        return cls(options, data=data, target=target)
 
 
 PASSES: dict[str, PassSpec] = {

@@ -115,9 +115,45 @@ def print_pipeline(report: PipelineReport, console: Console) -> None:
         console.print(check)
         console.print(f"inputs: {report.check_inputs}; tolerance: {report.tolerance}",
                       highlight=False)
+    if report.target:
+        console.print(f"target: {report.target}", highlight=False)
+    if report.guard is not None:
+        guard = report.guard
+        if guard["passed"]:
+            console.print(f"loss bound ({guard['bound']}): met", highlight=False)
+        else:
+            console.print(
+                f"[bold red]loss bound ({escape(guard['bound'])}): NOT met[/bold red], written "
+                f"anyway (--allow-loss): {escape(guard['message'].split('; nothing written')[0])}"
+            )
     for record in report.records:
         for note in record.notes:
             console.print(f"note ({record.name}): {note}", highlight=False)
+
+
+def print_machine(report: dict[str, Any], console: Console) -> None:
+    """``onnxcomp doctor``: the CPU, ONNX Runtime, and what each quantisation pass does here."""
+    cpu = report["cpu"]
+    console.print(f"[bold]CPU[/bold]  {escape(cpu['model'])} ({cpu['arch']})", highlight=False)
+    console.print(f"  instruction sets: {escape(cpu['flags'])}", highlight=False)
+    console.print(
+        f"[bold]target[/bold]  {escape(report['target'])}: u8·s8 kernels "
+        f"{'may saturate (16-bit pair sums)' if report['saturates'] else 'exact'}; "
+        f"int8 vs float: {escape(report['int8_speed'])}",
+        highlight=False,
+    )
+    runtime = report["onnxruntime"]
+    console.print(
+        f"[bold]ONNX Runtime[/bold]  {runtime['version']}, providers: "
+        f"{', '.join(runtime['providers'])}",
+        highlight=False,
+    )
+    table = Table(title="quantisation passes for this target", title_justify="left")
+    for column in ("pass", "layout", "what it does here"):
+        table.add_column(column)
+    for row in report["passes"]:
+        table.add_row(row["pass"], row["layout"], escape(row["effect"]))
+    console.print(table)
 
 
 def _worst(diffs) -> tuple[str, str]:

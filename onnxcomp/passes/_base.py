@@ -27,6 +27,7 @@ from onnxcomp.passes._opset import onnx_opset
 
 if typing.TYPE_CHECKING:
     from onnxcomp.data import Dataset
+    from onnxcomp.target import Target
 
 
 def option(default: Any, help: str) -> Any:
@@ -91,7 +92,9 @@ class CompressionPass(ir.passes.InPlacePass):
 
     Subclasses set ``summary``, ``options_class`` and implement :meth:`apply`, returning a
     :class:`CompressionResult`. ``data`` is the user's ``--data`` set, for passes that need
-    real inputs (calibration, importance); passes that need it set ``needs_data``. Passes that
+    real inputs (calibration, importance); passes that need it set ``needs_data``. ``target`` is
+    the machine the model is for (:mod:`onnxcomp.target`); passes whose output depends on it
+    (integer layouts) read it, never the host. Passes that
     train against the pipeline's input model (distillation) set ``needs_teacher``: the pipeline
     then hands them that model, as it was before any pass ran, in ``teacher``.
     """
@@ -104,7 +107,13 @@ class CompressionPass(ir.passes.InPlacePass):
     needs_teacher: ClassVar[bool] = False
     teacher: ir.Model | None = None
 
-    def __init__(self, options: PassOptions | None = None, *, data: Dataset | None = None):
+    def __init__(
+        self,
+        options: PassOptions | None = None,
+        *,
+        data: Dataset | None = None,
+        target: Target | None = None,
+    ):
         super().__init__()
         if options is None:
             options = self.options_class()
@@ -115,6 +124,13 @@ class CompressionPass(ir.passes.InPlacePass):
             )
         self.options = options
         self.data = data
+        self.target = target
+
+    def resolved_target(self) -> Target:
+        """The target handed down by the pipeline, or the default one (``portable``)."""
+        from onnxcomp.target import resolve_target
+
+        return resolve_target(self.target)
 
     def preflight(self) -> None:
         """Checks that need no model (real inputs given, optional dependencies installed): the

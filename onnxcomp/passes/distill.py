@@ -33,6 +33,7 @@ from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOption
 
 if TYPE_CHECKING:
     from onnxcomp.distill.train import TrainConfig, TrainResult
+    from onnxcomp.target import Target
 
 TORCH_HINT = "pip install torch==2.13.0 (the CPU build), then pip install -e '.[torch]'"
 
@@ -120,9 +121,10 @@ class DistillPass(CompressionPass):
         options: DistillOptions | None = None,
         *,
         data: Dataset | None = None,
+        target: Target | None = None,
         teacher: ir.Model | str | os.PathLike | None = None,
     ) -> None:
-        super().__init__(options, data=data)
+        super().__init__(options, data=data, target=target)
         if teacher is not None and not isinstance(teacher, ir.Model):
             from onnxcomp.io import load
 

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 import onnxcomp
 from onnxcomp.errors import OnnxcompError, UnsupportedModelError, UsageError
 from onnxcomp.passes.distill import DistillOptions, DistillPass
-from tests.conftest import MODELS, REPO
+from tests.conftest import LOSS_ALLOWED, MODELS, REPO
 
 DIGITS = MODELS / "digits_cnn.onnx"
 CALIB = MODELS / "digits_calib.npz"
@@ -124,7 +124,8 @@ def test_quantised_weights_keep_dtypes_scales_and_grid(passes):
 )  # fmt: skip
 def test_compress_distill_pipelines_run_end_to_end_and_recover_accuracy(pipeline, tmp_path):
     output = tmp_path / "out.onnx"
-    _, report = onnxcomp.optimize(DIGITS, pipeline, data=CALIB, output=output)
+    # A few epochs recover part of the loss, not all: the loss bound is not this test's subject.
+    _, report = onnxcomp.optimize(DIGITS, pipeline, data=CALIB, output=output, bound=LOSS_ALLOWED)
     accuracy = {r.name: r.accuracy for r in report.records}
     assert accuracy["distill"] > accuracy[pipeline.split(",")[0].split(":")[0]] + 0.4
     assert report.records[-1].accuracy > 0.7

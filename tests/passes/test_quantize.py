@@ -21,7 +21,7 @@ import onnxcomp
 from onnxcomp import quant, registry
 from onnxcomp.errors import UnsupportedModelError, UsageError
 from onnxcomp.passes import WeightQuantizeOptions, WeightQuantizePass
-from tests.conftest import MODELS, conv_bn_residual_model, run_onnx
+from tests.conftest import LOSS_ALLOWED, MODELS, conv_bn_residual_model, run_onnx
 
 RNG = np.random.default_rng(0)
 
@@ -401,7 +401,8 @@ def test_demo_models_quantise_and_run_in_plain_onnxruntime(tmp_path, demo, passe
     model_file, data_file = DEMOS[demo]
     out = tmp_path / "q.onnx"
     _, report = onnxcomp.optimize(
-        MODELS / model_file, passes, data=MODELS / data_file, output=out, check_samples=256
+        MODELS / model_file, passes, data=MODELS / data_file, output=out, check_samples=256,
+        bound=LOSS_ALLOWED,  # 2-bit weights lose most of the accuracy before fine-tuning
     )
     (record,) = report.records
     stats = record.stats
