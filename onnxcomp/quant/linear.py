@@ -91,9 +91,16 @@ def linear_params(
     block_size: int = 0,
     symmetric: bool = True,
     dtype: np.dtype | type = np.float32,
+    limit: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scale (in ``dtype``) and zero point (int8, or None when symmetric) for ``w``."""
+    """Scale (in ``dtype``) and zero point (int8, or None when symmetric) for ``w``.
+    ``limit`` caps the code magnitude of symmetric codes below the narrow range (63: 7-bit
+    weights, for integer kernels that overflow 16 bits with full 8-bit ones)."""
     qmin, qmax = qrange(bits, symmetric)
+    if limit is not None:
+        if not symmetric or not 0 < limit <= qmax:
+            raise ValueError(f"limit must be in (0, {qmax}] and symmetric, not {limit}")
+        qmax = limit
     if symmetric:
         amax = reduce_groups(w, axis, block_size, lambda g, axis: np.nanmax(np.abs(g), axis=axis))
         return store_scale(amax / qmax, np.dtype(dtype)), None
@@ -112,9 +119,13 @@ def quantize(
     *,
     axis: int | None,
     block_size: int = 0,
+    limit: int | None = None,
 ) -> np.ndarray:
-    """Integer codes (int8 array) of ``w``; narrow range when ``zero_point`` is None."""
+    """Integer codes (int8 array) of ``w``; narrow range when ``zero_point`` is None, and
+    within ``[-limit, limit]`` when given (as for :func:`linear_params`)."""
     qmin, qmax = qrange(bits, symmetric=zero_point is None)
+    if limit is not None and zero_point is None:
+        qmin, qmax = -limit, limit
     shape = np.shape(w)
     s = expand(np.asarray(scale, dtype=np.float64), shape, axis, block_size)
     q = np.rint(np.asarray(w, dtype=np.float64) / s)

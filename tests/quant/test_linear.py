@@ -80,3 +80,16 @@ def test_half_precision_scales_are_rounded_up_so_the_bound_holds(dtype):
 def test_bits_outside_8_4_2_are_rejected():
     with pytest.raises(ValueError, match="bits"):
         quant.qrange(3, True)
+
+
+def test_limited_codes_stay_within_the_limit_and_the_half_step_bound():
+    """7-bit weights (limit 63) for AVX2's 16-bit pair sums: codes in [-63, 63], error <= s/2."""
+    w = np.random.default_rng(3).standard_normal((16, 24)).astype(np.float32) * 3
+    scale, zero = quant.linear_params(w, 8, axis=1, symmetric=True, limit=63)
+    codes = quant.quantize(w, scale, zero, 8, axis=1, limit=63)
+    assert zero is None and codes.min() >= -63 and codes.max() <= 63
+    assert np.abs(codes).max(axis=0).min() == 63  # each column uses the whole 7-bit range
+    back = quant.dequantize(codes, scale, None, axis=1)
+    assert np.all(np.abs(back - w) <= scale / 2 + 1e-7)
+    with pytest.raises(ValueError, match="limit"):
+        quant.linear_params(w, 8, axis=1, symmetric=True, limit=200)
