@@ -21,6 +21,9 @@ from onnxcomp.errors import OnnxcompError, UsageError
 LABELS_KEY = "labels"
 DEFAULT_BATCH_DIM = 2
 DEFAULT_OTHER_DIM = 32
+# Random check inputs larger than this are refused rather than allocated: a declared dim of
+# 10^12 (a corrupt or hostile file) must not take the machine's memory.
+MAX_RANDOM_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
@@ -165,6 +168,12 @@ def random_inputs(
                              f"the model expects {len(value.shape)}")
         chosen.append(f"{value.name}={'x'.join(map(str, shape)) or 'scalar'}")
         dtype = _numpy_dtype(value) or np.dtype(np.float32)
+        nbytes = float(np.prod([float(d) for d in shape])) * dtype.itemsize
+        if nbytes > MAX_RANDOM_BYTES:
+            raise OnnxcompError(
+                f"input '{value.name}' of shape {'x'.join(map(str, shape))} would take "
+                f"{nbytes / 2**30:.3g} GiB of random data; give --data or --shape, or --check none"
+            )
         inputs[value.name] = _random_array(value, shape, dtype, rng)
     return Dataset(inputs=inputs, description="random inputs " + ", ".join(chosen))
 
