@@ -381,7 +381,8 @@ def candidates(
         ordered = cheap + trained + fast
     else:
         ordered = cheap + fast + trained
-    out, seen = [], set()
+    # the input model itself (every layer float, nothing pruned) is not worth a trial
+    out, seen = [], {space.pipeline(space.complete({f"bits/{n}": "float" for n in layers}))}
     for params in ordered:
         full = space.complete(params)
         text = space.pipeline(full)
