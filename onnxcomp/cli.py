@@ -1,4 +1,4 @@
-"""The ``onnxcomp`` command: optimize, passes, inspect, bench, report.
+"""The ``onnxcomp`` command: optimize, passes, inspect, bench, report, sensitivity, auto.
 
 Every failure a user can cause prints one line on stderr and exits non-zero: 2 for how the
 command was called (unknown pass or option, bad path), 1 for the model or data. A traceback

@@ -373,10 +373,15 @@ def candidates(
     epochs = max(space.distill_epochs)
     if epochs:
         for ratio in sorted(space.channel_ratios, reverse=True):
+            if objective == "latency":  # fewer channels and heads run faster; low bits do not
+                trained.append({**uniform["int8"], "prune_channels": ratio, "distill": epochs,
+                                "activations": space.activations[-1]})
+                trained.append({"prune_channels": ratio, "distill": epochs})
+                continue
             trained.append({**uniform["int2"], "prune_channels": ratio, "distill": epochs})
             trained.append({**uniform["int4"], "prune_channels": ratio, "distill": epochs})
     if objective == "latency":
-        ordered = fast + cheap + trained
+        ordered = fast[:2] + trained + fast[2:] + cheap
     elif objective == "size":
         ordered = cheap + trained + fast
     else:
