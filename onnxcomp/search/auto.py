@@ -103,8 +103,14 @@ class SearchSpace:
         if p.get("lowrank", 0):
             steps.append(step("lowrank", energy=p["lowrank"]))
         bits = {layer.name: p[f"bits/{layer.name}"] for layer in self.layers}
-        # int8 activations first: int8-static/-dynamic leave an already quantised model alone
         act = p.get("activations", "float")
+        distill = step("distill", epochs=p.get("distill", 0)) + self.distill_options
+        if p.get("distill", 0) and act != "float":
+            # distillation cannot train through run-time quantisation (MatMulInteger): train
+            # first; weight-only passes otherwise go first, so training sees their grid
+            steps.append(distill)
+        # int8 activations before weight-only passes: int8-static/-dynamic leave an already
+        # quantised model alone
         if act != "float":
             ops = COMPUTE_OPS if act == "int8-static" else ("Gemm", "MatMul")
             chosen = [layer for layer in self.layers if bits[layer.name] == "int8"
@@ -116,8 +122,8 @@ class SearchSpace:
             chosen = [layer for layer in self.layers if bits[layer.name] == level]
             if chosen:
                 steps.append(self._only(pass_name, chosen))
-        if p.get("distill", 0):
-            steps.append(step("distill", epochs=p["distill"]) + self.distill_options)
+        if p.get("distill", 0) and act == "float":
+            steps.append(distill)
         steps.append("strip")
         return ",".join(steps)
 
@@ -432,7 +438,7 @@ def _optuna() -> Any:
         import optuna
     except ImportError:
         raise UsageError("onnxcomp auto needs Optuna: pip install 'onnxcomp[search]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failed trials are recorded
     return optuna
 
 
