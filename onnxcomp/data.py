@@ -33,10 +33,23 @@ class Dataset:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     description: str = ""
+    # Other arrays of the data file (targets of a custom metric), kept only on request.
+    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
         return len(next(iter(self.inputs.values()))) if self.inputs else 0
+
+    def take(self, indices: np.ndarray, description: str) -> Dataset:
+        """The samples at ``indices``; extras with a sample axis are cut alike, others kept."""
+        n = self.num_samples
+        return Dataset(
+            inputs={name: array[indices] for name, array in self.inputs.items()},
+            labels=None if self.labels is None else self.labels[indices],
+            description=description,
+            extras={name: array[indices] if array.ndim and len(array) == n else array
+                    for name, array in self.extras.items()},
+        )  # fmt: skip
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of at most ``batch_size`` samples, covering the first ``limit`` samples."""
@@ -64,8 +77,10 @@ def graph_inputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if not v.is_initializer()]
 
 
-def load_data(path: str | os.PathLike, model: ir.Model) -> Dataset:
-    """Read an ``.npz`` data file and check it against the model's inputs."""
+def load_data(path: str | os.PathLike, model: ir.Model, *, extras: bool = False) -> Dataset:
+    """Read an ``.npz`` data file and check it against the model's inputs. With ``extras``,
+    arrays that are not graph inputs are kept in ``Dataset.extras`` (the targets a custom metric
+    reads) instead of being refused."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"no such data file: {path}")
@@ -75,7 +90,12 @@ def load_data(path: str | os.PathLike, model: ir.Model) -> Dataset:
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise OnnxcompError(f"{path} is not a readable .npz data file ({e})") from None
     labels = arrays.pop(LABELS_KEY, None)
-    dataset = Dataset(inputs=arrays, labels=labels, description=f"--data {path.name}")
+    kept = {}
+    if extras:
+        names = {v.name for v in graph_inputs(model)}
+        kept = {key: arrays.pop(key) for key in list(arrays) if key not in names}
+    dataset = Dataset(inputs=arrays, labels=labels, description=f"--data {path.name}",
+                      extras=kept)
     check_data(dataset, model, source=str(path))
     return dataset
 
