@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp import runtime
-from onnxcomp.bench import Latency, _run_dataset, make_feeds, measure
+from onnxcomp.bench import Latency, make_feeds, measure, run_dataset
 from onnxcomp.data import Dataset, run_batch_size
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.instrument import LossBound, min_cosine
@@ -102,7 +102,7 @@ class Evaluator:
         """``model``'s outputs on every held-out sample, by output name."""
         session = runtime.make_session(model, level=SCORE_LEVEL, threads=self.threads)
         batch = run_batch_size(model, self.held_out.num_samples, MAX_RUN_BATCH)
-        values = _run_dataset(session, self.held_out, batch, self.held_out.num_samples)
+        values = run_dataset(session, self.held_out, batch, self.held_out.num_samples)
         return dict(zip(runtime.output_names(session), values, strict=True))
 
     def compress(self, pipeline: str) -> tuple[ir.Model, bool]:
