@@ -450,6 +450,14 @@ def _agreement(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> tuple
         return float(cos.sum()), rows
 
 
+def _fixed_width(teacher: Teacher) -> bool:
+    """Whether the model fixes the second axis of an input (an exporter's static sequence
+    length): token batches cut shorter would not run."""
+    return any(
+        len(i.shape) >= 2 and isinstance(i.shape[1], int) for i in teacher.session.get_inputs()
+    )
+
+
 def train(
     student: nn.Module,
     teacher: Teacher,
@@ -483,6 +491,7 @@ def train(
         c.trim
         and not c.match
         and not any(a.ndim >= 2 and a.shape[1] == _width(data) for a in sample.values())
+        and not _fixed_width(teacher)
     )
     student.to(device)
     forward = StudentForward(student, input_names, teacher.output_names, c.match)
