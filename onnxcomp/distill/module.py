@@ -7,8 +7,9 @@ promises:
 
 - **One trainable tensor per weight, keyed by its ONNX name.** Float initializers and
   ``Constant`` nodes of rank >= 1 read as weights (Conv/ConvTranspose/Gemm/MatMul operands,
-  Gather and Slice tables, Conv/Gemm biases, Batch/Layer/InstanceNormalization scales and
-  biases, PRelu slopes, and vector-shaped Add/Sub/Mul operands: biases, layer scales) become
+  Gather and Slice tables, Conv/Gemm/DeformConv biases, the scales and biases of the
+  Batch/Layer/Instance/Group/RMS normalisations, PRelu slopes, LSTM/GRU/RNN weights, biases
+  and peepholes, and vector-shaped Add/Sub/Mul operands: biases, layer scales) become
   ``nn.Parameter`` s in :attr:`OnnxModule.weights`; everything else (running statistics, shape
   constants, integer tensors, scalars) is a buffer. :attr:`OnnxModule.onnx_names` maps each
   parameter key back to its ONNX name.
@@ -24,9 +25,12 @@ promises:
   initializers (integer codes re-quantised on the same grid for quantised weights); no node,
   name or shape changes, so the pipeline checks the result like any pass's.
 
-BatchNormalization always uses its running statistics (inference semantics), in training too.
-An op without a torch implementation makes construction fail with :class:`UnsupportedOpError`,
-which lists every missing op type at once.
+BatchNormalization uses its running statistics (inference semantics), in training too, unless
+the node sets ``training_mode``. Control-flow bodies (If, Loop, Scan) are compiled into
+sub-modules; their own constants are buffers, the main graph's weights they read train. An op
+without a torch implementation (random, sequence, optional and string ops), or a value torch
+has no type for, makes construction fail with :class:`UnsupportedOpError`, which lists every
+missing op type and feature at once.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ PARAM_INPUTS: dict[str, tuple[int, ...]] = {
     "LSTM": (1, 2, 3, 7),
     "GRU": (1, 2, 3),
     "RNN": (1, 2, 3),
+    "DeformConv": (1, 3),
 }
 VECTOR_OPS = frozenset({"Add", "Sub", "Mul"})  # a vector-shaped operand is a bias or a scale
 TABLE_OPS = frozenset({"Slice"})  # a rank >= 2 table sliced by position (position embeddings)

@@ -38,15 +38,20 @@ KNOWN_MISMATCHES: dict[str, str] = {
         "rounding (ONNX Runtime misses this case too)"
     ),
     "test_attention_4d_causal_fp16_expanded": "as test_attention_4d_causal_fp16",
+    "test_dft_inverse": (
+        "float32 noise in the reference: imaginary parts of 1.9e-7 where the exact value (and "
+        "ours) is 0, above the case's atol of 1e-7"
+    ),
+    "test_dft_inverse_opset19": "as test_dft_inverse",
     "test_maxunpool_export_with_output_shape": (
         "ONNX Runtime's semantics kept: indices address the given output_shape; the reference "
         "scatters into the inferred shape and pads it (ONNX Runtime differs the same way)"
     ),
 }
-# Floors under what onnx 1.23 gives today (1884 node tests; 1690 supported, 1685 match):
+# Floors under what onnx 1.23 gives today (1884 node tests; 1716 supported, 1711 match):
 # a regression in the harness or the interpreter fails loudly instead of passing on less.
-MIN_SUPPORTED = 1680
-MIN_MATCHING = 1675
+MIN_SUPPORTED = 1710
+MIN_MATCHING = 1705
 
 
 def _walk(graph: onnx.GraphProto, found: set[tuple[str, str]]) -> None:

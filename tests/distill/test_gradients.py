@@ -80,6 +80,16 @@ CASES = {
         {"kernel_shape": [2, 2], "p": 3}),
     "average-pool-dilated": ("AveragePool", {"x": _x(1, 1, 5, 5)}, {}, ("x",), 19, 1,
         {"kernel_shape": [2, 2], "dilations": [2, 2], "pads": [1, 1, 1, 1]}),
+    "deform-conv-masked": ("DeformConv", {"x": _x(1, 2, 4, 4), "w": _x(2, 2, 2, 2),
+        "off": _x(1, 8, 3, 3) * 0.4, "b": _x(2), "m": RNG.uniform(0.2, 1, (1, 4, 3, 3))}, {},
+        ("x", "w", "off", "b", "m"), 22, 1, {"kernel_shape": [2, 2]}),
+    "roi-align-avg": ("RoiAlign", {"x": _x(1, 2, 6, 6)}, {"rois": np.asarray([[0.5, 1.2, 4.1,
+        5.3], [1.0, 0.3, 3.2, 2.2]], np.float64), "bi": _i64(0, 0)}, ("x", "rois", "bi"), 16, 1,
+        {"output_height": 2, "output_width": 2, "sampling_ratio": 2}),
+    "dft-onesided": ("DFT", {"x": _x(2, 8, 1)}, {"axis": _i64(1).reshape(())},
+        ("x", "", "axis"), 20, 1, {"onesided": 1}),
+    "stft-windowed": ("STFT", {"x": _x(1, 16, 1), "w": _x(4)}, {"step": _i64(2).reshape(())},
+        ("x", "step", "w"), 17, 1, {}),
     "swish-celu-shrink": ("Swish", {"x": _x(3, 3)}, {}, ("x",), 24, 1, {"alpha": 1.5}),
 }  # fmt: skip
 

@@ -542,3 +542,11 @@ def test_constant_value_floats_bias_is_trained_and_written_back_as_a_tensor():
         run_onnx(proto, {"x": x})[0], x + np.float32([1.5, 0.0, 3.0]), atol=1e-6
     )
     assert list(model.graph.node(0).attributes) == ["value"]
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_max_roi_pool_matches_onnxruntime(scale):
+    """No backend node test covers MaxRoiPool: ONNX Runtime is the reference."""
+    rois = np.asarray([[0, 1, 1, 6, 5], [1, 0, 2, 3, 7], [0, 4.4, 0.6, 7, 7]], np.float32)
+    _check("MaxRoiPool", {"x": _randn(2, 3, 8, 8), "rois": rois}, pooled_shape=[2, 3],
+           spatial_scale=scale)  # fmt: skip

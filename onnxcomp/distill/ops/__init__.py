@@ -10,7 +10,7 @@ Clip, Pad and the reductions; Upsample and Resize-10's nearest rounding; Scan-8)
 differentiable where the op is; integer, boolean and shape ops pass values through.
 
 The families live in their own modules (elementwise, tensor, nn, reduce, quantize, image,
-recurrent, attention, control); this table is the one registry.
+recurrent, attention, control, signal); this table is the one registry.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from onnxcomp.distill.ops import (
     quantize,
     recurrent,
     reduce,
+    signal,
     tensor,
 )
 from onnxcomp.distill.ops._common import TORCH_DTYPES, OpFn
@@ -39,6 +40,7 @@ OPS: dict[str, OpFn] = {
     **recurrent.OPS,
     **attention.OPS,
     **control.OPS,
+    **signal.OPS,
 }
 
 __all__ = ["OPS", "TORCH_DTYPES", "OpFn", "expand_param"]

@@ -1,5 +1,5 @@
 """Image and spatial ops: Resize / Upsample in every mode, DepthToSpace / SpaceToDepth,
-GridSample, AffineGrid, Col2Im, NonMaxSuppression.
+GridSample, AffineGrid, Col2Im, DeformConv, RoiAlign, NonMaxSuppression.
 
 Resize follows the ONNX reference separably, axis by axis: the interpolation weights and
 source indices depend only on shapes and scales, so they are computed once per call in numpy
@@ -293,6 +293,141 @@ def _affine_grid(inputs: Inputs, attrs: Attrs) -> Tensor:
     return F.affine_grid(theta, size, align_corners=bool(attrs.get("align_corners", 0)))
 
 
+def _deform_conv(inputs: Inputs, attrs: Attrs) -> Tensor:
+    """Convolution sampling the input at offset positions (bilinear, zero outside), each tap
+    scaled by its mask: the sampled columns times the weights, per group."""
+    x, w, offset = inputs[0], inputs[1], inputs[2]
+    bias, mask = optional(inputs, 3), optional(inputs, 4)
+    n, channels, height, width = x.shape
+    out_channels, _, kh, kw = w.shape
+    taps = kh * kw
+    strides = list(attrs.get("strides") or [1, 1])
+    dilations = list(attrs.get("dilations") or [1, 1])
+    pads = list(attrs.get("pads") or [0, 0, 0, 0])
+    groups, offset_groups = attrs.get("group", 1), attrs.get("offset_group", 1)
+    oh, ow = offset.shape[2], offset.shape[3]
+    device, dtype = x.device, x.dtype
+    rows = (torch.arange(oh, device=device) * strides[0] - pads[0]).to(dtype)
+    cols = (torch.arange(ow, device=device) * strides[1] - pads[1]).to(dtype)
+    ki = (torch.arange(kh, device=device) * dilations[0]).repeat_interleave(kw).to(dtype)
+    kj = (torch.arange(kw, device=device) * dilations[1]).repeat(kh).to(dtype)
+    base_y = ki.reshape(taps, 1, 1) + rows.reshape(1, oh, 1)  # [taps, oh, 1]
+    base_x = kj.reshape(taps, 1, 1) + cols.reshape(1, 1, ow)  # [taps, 1, ow]
+    offset = offset.reshape(n, offset_groups, taps, 2, oh, ow)
+    sampled = []
+    per_group = channels // offset_groups
+    for g in range(offset_groups):
+        y = base_y + offset[:, g, :, 0]  # [n, taps, oh, ow]
+        xx = base_x + offset[:, g, :, 1]
+        grid = torch.stack([2 * xx / max(width - 1, 1) - 1, 2 * y / max(height - 1, 1) - 1], -1)
+        part = F.grid_sample(
+            x[:, g * per_group : (g + 1) * per_group],
+            grid.reshape(n, taps * oh, ow, 2),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=True,
+        ).reshape(n, per_group, taps, oh, ow)
+        if mask is not None:
+            part = part * mask.reshape(n, offset_groups, taps, oh, ow)[:, g : g + 1]
+        sampled.append(part)
+    columns = torch.cat(sampled, dim=1)  # [n, channels, taps, oh, ow]
+    columns = columns.reshape(n, groups, channels // groups, taps, oh, ow)
+    weights = w.reshape(groups, out_channels // groups, channels // groups, taps)
+    y = torch.einsum("gock,ngckhw->ngohw", weights, columns).reshape(n, out_channels, oh, ow)
+    return y + bias.reshape(1, -1, 1, 1) if bias is not None else y
+
+
+def _roi_align(inputs: Inputs, attrs: Attrs) -> Tensor:
+    """ONNX Runtime's RoiAlign: bilinear samples on a regular grid in each bin (adaptive
+    count unless sampling_ratio), averaged or maxed; differentiable in the features."""
+    x, rois, batch = inputs[0], inputs[1], inputs[2].long()
+    height, width = x.shape[2], x.shape[3]
+    oh, ow = attrs.get("output_height", 1), attrs.get("output_width", 1)
+    ratio = attrs.get("sampling_ratio", 0)
+    scale = float_attr(attrs, "spatial_scale", 1.0)
+    half = attrs.get("coordinate_transformation_mode", "half_pixel" if attrs["_opset"] >= 16
+                     else "output_half_pixel") == "half_pixel"  # fmt: skip
+    use_max = attrs.get("mode", "avg") == "max"
+    outputs = []
+    for r in range(rois.shape[0]):
+        x1, y1, x2, y2 = (float(v) * scale - (0.5 if half else 0.0) for v in rois[r].tolist())
+        roi_w, roi_h = x2 - x1, y2 - y1
+        if not half:
+            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+        gh = ratio if ratio > 0 else math.ceil(roi_h / oh)
+        gw = ratio if ratio > 0 else math.ceil(roi_w / ow)
+        ys = y1 + (np.arange(oh)[:, None] + (np.arange(gh)[None, :] + 0.5) / gh) * roi_h / oh
+        xs = x1 + (np.arange(ow)[:, None] + (np.arange(gw)[None, :] + 0.5) / gw) * roi_w / ow
+        ylo, yhi, ly, yok = _roi_axis(ys.reshape(-1), height)
+        xlo, xhi, lx, xok = _roi_axis(xs.reshape(-1), width)
+        ok = torch.from_numpy(np.outer(yok, xok)).to(x.device, x.dtype)
+        ly_t = torch.from_numpy(ly).to(x.device, x.dtype).reshape(-1, 1)
+        lx_t = torch.from_numpy(lx).to(x.device, x.dtype).reshape(1, -1)
+        plane = x[int(batch[r])]
+
+        def at(yi: np.ndarray, xi: np.ndarray, p: Tensor = plane) -> Tensor:
+            return p[:, torch.from_numpy(yi)[:, None], torch.from_numpy(xi)[None, :]]
+
+        terms = [
+            (1 - ly_t) * (1 - lx_t) * ok * at(ylo, xlo),
+            (1 - ly_t) * lx_t * ok * at(ylo, xhi),
+            ly_t * (1 - lx_t) * ok * at(yhi, xlo),
+            ly_t * lx_t * ok * at(yhi, xhi),
+        ]
+        shape = (plane.shape[0], oh, gh, ow, gw)
+        if use_max:
+            value = torch.stack(terms).amax(0).reshape(shape).amax(dim=(2, 4))
+        else:
+            value = sum(terms).reshape(shape).mean(dim=(2, 4))
+        outputs.append(value)
+    if not outputs:
+        return x.new_zeros((0, x.shape[1], oh, ow))
+    return torch.stack(outputs)
+
+
+def _max_roi_pool(inputs: Inputs, attrs: Attrs) -> Tensor:
+    """Fast R-CNN's RoI max pooling (rois: batch index, x1, y1, x2, y2; Caffe's rounding)."""
+    x, rois = inputs[0], inputs[1]
+    ph, pw = attrs["pooled_shape"]
+    scale = float_attr(attrs, "spatial_scale", 1.0)
+    height, width = x.shape[2], x.shape[3]
+
+    def c_round(v: float) -> int:
+        return int(math.copysign(math.floor(abs(v) + 0.5), v))
+
+    outputs = []
+    for roi in rois.tolist():
+        plane = x[int(roi[0])]
+        x1, y1, x2, y2 = (c_round(v * scale) for v in roi[1:])
+        bin_h, bin_w = max(y2 - y1 + 1, 1) / ph, max(x2 - x1 + 1, 1) / pw
+        cells = []
+        for i in range(ph):
+            top = min(max(math.floor(i * bin_h) + y1, 0), height)
+            bottom = min(max(math.ceil((i + 1) * bin_h) + y1, 0), height)
+            for j in range(pw):
+                left = min(max(math.floor(j * bin_w) + x1, 0), width)
+                right = min(max(math.ceil((j + 1) * bin_w) + x1, 0), width)
+                if bottom <= top or right <= left:
+                    cells.append(plane.new_zeros(plane.shape[0]))
+                else:
+                    cells.append(plane[:, top:bottom, left:right].amax(dim=(1, 2)))
+        outputs.append(torch.stack(cells, dim=1).reshape(plane.shape[0], ph, pw))
+    return torch.stack(outputs) if outputs else x.new_zeros((0, x.shape[1], ph, pw))
+
+
+def _roi_axis(coords: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
+    """Low and high neighbours, the fraction towards the high one, and which samples count
+    (ONNX Runtime's rules: beyond one pixel outside is zero, the border clamps)."""
+    ok = (coords >= -1.0) & (coords <= size)
+    coords = np.maximum(coords, 0.0)
+    low = np.floor(coords).astype(np.int64)
+    edge = low >= size - 1
+    low = np.where(edge, size - 1, low)
+    high = np.where(edge, size - 1, low + 1)
+    frac = np.where(edge, 0.0, coords - low)
+    return low, high, frac, ok.astype(np.float64)
+
+
 # -- detection ------------------------------------------------------------------------------------
 
 
@@ -353,4 +488,7 @@ OPS: dict[str, OpFn] = {
     "GridSample": _grid_sample,
     "AffineGrid": _affine_grid,
     "NonMaxSuppression": _non_max_suppression,
+    "DeformConv": _deform_conv,
+    "RoiAlign": _roi_align,
+    "MaxRoiPool": _max_roi_pool,
 }
