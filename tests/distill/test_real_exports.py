@@ -30,7 +30,7 @@ from tests.distill import export_models  # noqa: E402
 pytestmark = pytest.mark.slow
 
 PIPELINE = "prune-channels:ratio=0.25,distill:epochs=1"
-TRAIN_SAMPLES = 384
+TRAIN_SAMPLES = 256
 HELD_OUT = 64
 FIGURES: dict[str, dict[str, float]] = {}
 
