@@ -25,12 +25,14 @@ the eval split. Run from the repository root::
 
     python benchmarks/quantize.py --threads 1 --batch 1,32 --runs 30 --json quantize.json
     python benchmarks/quantize.py --quick        # smoke run: threads 1, batch 1, few runs
+    python benchmarks/quantize.py --only 'int8-static*,ort-*'   # some variants only
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import resource
 import subprocess
@@ -111,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: threads 1, batch 1, 5 runs, 256 samples")  # fmt: skip
     p.add_argument("--detail", action="store_true", help="also print the full bench tables")
+    p.add_argument("--only", default="",
+                   help="comma-separated label patterns (fnmatch) of the variants to run, e.g. "
+                   "'int8-static*,ort-*'; fp32 always runs")  # fmt: skip
     p.set_defaults(threads="1", batch="1,32", runs=MIN_RUNS, warmup=5, samples=10**9)
     args = p.parse_args(argv)
     if args.quick:
@@ -359,6 +364,9 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, out_dir: Path) -> dic
     out = console()
     notes: list[str] = []
     jobs = jobs_for(spec, notes)
+    if args.only:
+        patterns = [p.strip() for p in args.only.split(",") if p.strip()]
+        jobs = [j for j in jobs if any(fnmatch.fnmatchcase(j.label, p) for p in patterns)]
     candidates = [Candidate("fp32", spec.path, meta={"quantiser": "input model"})]
     for job in jobs:
         out.print(f"{spec.name}: {job.tool} ...", highlight=False)

@@ -28,7 +28,7 @@ from onnxcomp.bench import measure
 Feeds = Mapping[str, np.ndarray]
 # (models, one feed per batch size, seconds) -> median seconds per model per batch size
 Timer = Callable[[Sequence[ir.Model], Sequence[Feeds], float], list[list[float]]]
-MAX_RUNS = 100_000  # the time budget decides; this only bounds a zero-cost fake
+MAX_RUNS = 100_000  # the time budget decides: tiny models get many runs, big ones few
 # A placement within 2% of float's median counts as "not slower": medians of interleaved runs
 # of the same model differ by about that much on a quiet machine.
 NOISE_MARGIN = 0.02

@@ -1,13 +1,31 @@
 """Static int8 quantisation (``int8-static``): QDQ on activations and weights, calibrated on
 ``--data``, placed so that ONNX Runtime turns it into integer kernels.
 
-Weights of Conv, Gemm and MatMul become per-output-channel symmetric int8 (narrow range) read
+Weights of Conv, Gemm and MatMul become per-output-channel symmetric codes (narrow range) read
 through DequantizeLinear; Conv and Gemm biases become int32 with scale
 ``input_scale * weight_scale``, as ONNX Runtime's QLinearConv / QGemm fusions expect.
 Activations get one QuantizeLinear -> DequantizeLinear pair per tensor, shared by all its
 consumers, with a per-tensor scale from calibration (``minmax``, ``percentile``, ``entropy`` or
-``mse``; :mod:`onnxcomp.quant.calibrate`). Signed tensors are symmetric int8 (zero point 0);
-tensors that never go negative (ReLU outputs, ...) use ``[0, max]`` with zero point -128.
+``mse``; :mod:`onnxcomp.quant.calibrate`). Signed tensors are symmetric (zero point 0, 128 in
+uint8); tensors that never go negative (ReLU outputs, ...) use ``[0, max]``.
+
+Integer layout (``layout``; ``auto`` follows the target, :mod:`onnxcomp.target`): ``u8s8``
+(uint8 activations, int8 weights), ``u8s8-7bit`` (weight codes in [-63, 63]: ONNX Runtime's
+u8·s8 kernels on AVX2 without VNNI add pairs of products in 16 bits and saturate with 8-bit
+weights; the default, for ``portable``), ``u8u8`` (weights stored uint8 with zero point 128:
+the same codes shifted, so scales and biases do not change) and ``s8s8`` (int8 activations, for
+ARM64 / GPUs). ONNX Runtime 1.32 on x86 fuses u8s8, u8s8-7bit and u8u8 completely on the demo
+models; s8s8 only in part there (Conv followed by Relu, QLinearAdd/Mul and MatMul of two
+activations stay QDQ), which is why x86 targets never get it. The layout and target go into
+the stats and the model's metadata.
+
+Measured placement (``measure``; on by default for ``--target host``): int8 kernels are not
+faster than float everywhere (AVX2 has no int8 dot product; at batch 1 the QuantizeLinear of
+a small layer can cost more than its integer kernel saves). The pass then times, in ONNX Runtime
+on this machine (:mod:`onnxcomp.passes._placement`), the model with all regions int8 against
+float at batch 1 and ``search_batch``, puts each region (a connected group of quantised nodes)
+back in float unless its int8 version is faster and not slower at either batch size, and leaves
+the whole model float if the result is still slower than float at either (with a note).
 
 Placement (why: a QDQ pair that ONNX Runtime cannot fuse costs two passes over the tensor and
 makes int8 slower than fp32):
