@@ -843,7 +843,7 @@ def _placement_report(placement: Placement, hard: bool) -> tuple[dict[str, objec
         "region_decisions": placement.regions,
         "float_only": placement.float_only,
     }
-    for decision in placement.regions:
+    for decision in placement.regions if len(placement.regions) > 1 else ():
         verdict = "int8" if decision["int8"] else "float"
         notes.append(
             f"region {decision['region']}: {verdict} (model with it int8 "
