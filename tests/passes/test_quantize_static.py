@@ -325,7 +325,9 @@ def test_search_times_both_placements_and_keeps_the_faster():
     chosen = min(timings, key=timings.get)
     assert (stats["hard_activations_int8"] > 0) == (chosen == "int8")
     assert any(f"search: hard_activations={chosen}" in n for n in result.notes)
-    assert stats["search_seconds"] < 5
+    # The 0.3 s budget bounds the timing loops (a few runs each), not the quantisation around
+    # them, whose wall time depends on the machine's load: no wall-clock assertion here.
+    assert all(len(ms) == 1 for ms in timings.values())  # one batch size timed: search_batch
 
 
 @pytest.mark.parametrize(
