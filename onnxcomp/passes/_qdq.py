@@ -28,7 +28,7 @@ LOW_BIT_TYPES = frozenset(
 QUANTIZED_OPS = frozenset(
     {
         "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QGemm",
-        "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits",
+        "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "GatherBlockQuantized",
     }
 )  # fmt: skip
 

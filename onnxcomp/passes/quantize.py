@@ -38,7 +38,11 @@ from onnxcomp.passes._base import (
     option,
 )
 from onnxcomp.passes._opset import upgrade_opset
-from onnxcomp.passes._qdq import add_dequantized_weight, quantized_weight_count
+from onnxcomp.passes._qdq import (
+    add_dequantized_weight,
+    integer_tensor,
+    quantized_weight_count,
+)
 from onnxcomp.passes._weights import (
     WEIGHT_INPUTS,
     Skipped,
@@ -93,7 +97,8 @@ class WeightQuantizeOptions(PassOptions):
     format: Literal["auto", "qdq", "matmulnbits"] = option(
         "auto",
         "qdq (DequantizeLinear + MatMul, standard ONNX), matmulnbits (ONNX Runtime's "
-        "com.microsoft kernel, 2-D MatMul weights, 4/8 bits) or auto (matmulnbits for CPU "
+        "com.microsoft kernels: MatMulNBits for 2-D MatMul weights, 4/8 bits, and "
+        "GatherBlockQuantized for 4-bit embedding tables) or auto (matmulnbits for CPU "
         "targets x86-*/arm64/host, qdq for portable/cuda)",
     )
     accuracy_level: int = option(
@@ -203,7 +208,7 @@ class WeightQuantizePass(CompressionPass):
             fmt, why = self._format(weight, layout)
             if why:
                 fallbacks[why].append(weight.name)
-            if fmt == "matmulnbits" and not layout.block_size:
+            if fmt == "matmulnbits" and not layout.block_size and "Gather" not in weight.op_types:
                 layout = _Layout(0, NBITS_BLOCK, "MatMulNBits needs blocks: blocks of 128")
             layouts[layout.kind] += 1
             formats[fmt] += 1
@@ -261,10 +266,19 @@ class WeightQuantizePass(CompressionPass):
         if wanted == "qdq" or options.scheme != "linear" or options.bits == 2:
             return "qdq", None
         reason = None
-        if len(weight.shape) != 2 or any(
+        gathers = all(
+            u.node.op_type == "Gather" and u.index == 0 and not u.node.attributes.get_int("axis", 0)
+            for u in weight.uses
+        )
+        if gathers and len(weight.shape) == 2:
+            if options.bits != 4:
+                reason = "GatherBlockQuantized tables need 4 bits"
+            elif layout.axis != 1 or not layout.block_size:
+                reason = "table rows not in blocks"
+        elif len(weight.shape) != 2 or any(
             u.node.op_type != "MatMul" or u.index != 1 for u in weight.uses
         ):
-            reason = "not a 2-D weight read only by MatMul"
+            reason = "not a 2-D weight read only by MatMul or Gather"
         elif weight.value.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
             reason = "MatMulNBits takes float32/float16 weights"
         elif layout.block_size and layout.axis != 0:
@@ -274,7 +288,8 @@ class WeightQuantizePass(CompressionPass):
         if reason is None:
             return "matmulnbits", None
         explicit = options.format == "matmulnbits"
-        return "qdq", (f"DequantizeLinear instead of MatMulNBits ({reason})" if explicit else None)
+        return "qdq", (f"DequantizeLinear instead of ONNX Runtime's kernels ({reason})"
+                       if explicit else None)  # fmt: skip
 
     def _calibrate(
         self, model: ir.Model, weights: list[Weight], notes: list[str]
@@ -510,6 +525,12 @@ class WeightQuantizePass(CompressionPass):
                 array, axis=axis, block_size=block, rule=options.ternary_rule
             )
             scale = alpha.astype(array.dtype)
+        if fmt == "matmulnbits" and weight.op_types == {"Gather"}:
+            nbytes = _add_gather_block_quantized(
+                model, weight, codes, np.asarray(scale), zero_point, options.bits, block
+            )
+            graph.initializers.pop(weight.name)
+            return nbytes, gain
         if fmt == "matmulnbits":
             nbytes = _add_matmulnbits(
                 model, weight, codes, np.asarray(scale), zero_point, options.bits, block,
@@ -667,13 +688,52 @@ def _add_matmulnbits(
             "MatMulNBits", [node.inputs[0], *inputs], attributes, domain=MS_DOMAIN,
             name=f"{name}_nbits",
         )  # fmt: skip
-        old, out = node.outputs[0], new.outputs[0]
-        out.dtype, out.shape, out.type = old.dtype, old.shape, old.type
-        graph.insert_after(node, new)
-        old.replace_all_uses_with(out, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        out.name = old.name
+        _replace_node(graph, node, new)
     return sum(v.const_value.nbytes for v in inputs)  # type: ignore[union-attr]
+
+
+def _add_gather_block_quantized(
+    model: ir.Model,
+    weight: Weight,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | None,
+    bits: int,
+    block_size: int,
+) -> int:
+    """Replace each Gather of the table ``weight`` (rows quantised in blocks along axis 1) by
+    ONNX Runtime's GatherBlockQuantized, which dequantises only the rows it gathers (a
+    DequantizeLinear in front of Gather dequantises the whole table every run). The codes,
+    scales and zero points are the QDQ form's tensors. Returns the new initializers' bytes."""
+    graph = model.graph
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    inputs = [
+        add_initializer(graph, f"{weight.name}_quantized", integer_tensor(codes, bits, "")),
+        add_initializer(graph, f"{weight.name}_scale", ir.tensor(scale)),
+    ]
+    if zero_point is not None:
+        zeros = integer_tensor(zero_point, bits, "")
+        inputs.append(add_initializer(graph, f"{weight.name}_zero_point", zeros))
+    attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": block_size, "bits": bits}
+    for use in weight.uses:
+        node = use.node
+        name = node.name or f"{weight.name}_gather"
+        new = ir.node(
+            "GatherBlockQuantized", [inputs[0], node.inputs[1], *inputs[1:]], attributes,
+            domain=MS_DOMAIN, name=f"{name}_quantized",
+        )  # fmt: skip
+        _replace_node(graph, node, new)
+    return sum(v.const_value.nbytes for v in inputs)  # type: ignore[union-attr]
+
+
+def _replace_node(graph: ir.Graph, node: ir.Node, new: ir.Node) -> None:
+    """Put ``new`` (one output) where ``node`` was, under the same output name."""
+    old, out = node.outputs[0], new.outputs[0]
+    out.dtype, out.shape, out.type = old.dtype, old.shape, old.type
+    graph.insert_after(node, new)
+    old.replace_all_uses_with(out, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    out.name = old.name
 
 
 def _input_axis(node: ir.Node, rank: int) -> int | None:

@@ -94,8 +94,9 @@ def test_formats_load_in_onnxruntime_and_agree(llm, calib):
     qdq, r1 = _quantize(llm, calib, bits=4, block_size=32, method="gptq", format="qdq")
     nbits, r2 = _quantize(llm, calib, bits=4, block_size=32, method="gptq", format="matmulnbits")
     ops = {n.op_type for n in nbits.graph}
-    assert r2.stats["formats"] == {"matmulnbits": 36, "qdq": 1}  # the embedding stays QDQ
-    assert "MatMulNBits" in ops and r1.stats["formats"] == {"qdq": 37}
+    assert r2.stats["formats"] == {"matmulnbits": 37} and r1.stats["formats"] == {"qdq": 37}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops  # the embedding table: GatherBQ
+    assert "DequantizeLinear" not in ops
     assert not any(
         n.op_type == "MatMul" and n.inputs[1].const_value is not None for n in nbits.graph
     )
@@ -113,7 +114,8 @@ def test_formats_load_in_onnxruntime_and_agree(llm, calib):
 ])  # fmt: skip
 def test_kv_cache_steps_match_full_sequence_after_quantisation(llm, calib, options):
     quantized, result = _quantize(llm, calib, **options)
-    assert result.stats["formats"]["matmulnbits"] == 36
+    # 36 MatMul weights, and the embedding table when 4-bit (GatherBlockQuantized)
+    assert result.stats["formats"]["matmulnbits"] == (37 if options["bits"] == 4 else 36)
     sig = decoder.signature(quantized)
     session = runtime.make_session(quantized)
     names = decoder.output_names(sig)
@@ -141,7 +143,8 @@ def test_auto_format_follows_the_target(llm):
     cpu, result = _quantize(llm, None, target="x86-vnni", bits=4, block_size=32)
     assert not any(n.op_type == "MatMulNBits" for n in portable.graph)
     assert sum(n.op_type == "MatMulNBits" for n in cpu.graph) == 36
-    assert cpu.opset_imports["com.microsoft"] == 1 and result.stats["formats"]["matmulnbits"] == 36
+    assert sum(n.op_type == "GatherBlockQuantized" for n in cpu.graph) == 1
+    assert cpu.opset_imports["com.microsoft"] == 1 and result.stats["formats"]["matmulnbits"] == 37
 
 
 def test_lm_head_kept_float_on_request(llm):
