@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from build_tiny_llm import TinyLlama, export_decoder
 
 HERE = Path(__file__).resolve().parent

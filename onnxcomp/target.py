@@ -16,6 +16,12 @@ operands to 16 bits). Both were measured on the demo models (benchmarks/quantize
 "Targets"): 7-bit weights keep the demo CNN's and encoder's accuracy within noise of 8-bit
 ones and run at the speed of the u8·s8 kernels everywhere (VNNI included), while U8U8 runs on
 ONNX Runtime's slower 16-bit path; so saturating targets, and ``portable``, get 7-bit weights.
+
+Weight-only int4/int8 (``format=auto``): the CPU kinds (``x86-avx2``, ``x86-vnni``,
+``x86-amx``, ``arm64``) get ONNX Runtime's ``com.microsoft`` kernels (MatMulNBits,
+GatherBlockQuantized), which ONNX Runtime ships; ``portable`` and ``cuda`` get standard
+blocked DequantizeLinear (QDQ), so no custom-domain op is written unless a CPU target or
+``format=matmulnbits`` asks for it (ONNX Runtime fuses QDQ into MatMulNBits itself anyway).
 """
 
 from __future__ import annotations

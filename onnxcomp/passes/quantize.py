@@ -18,6 +18,7 @@ Outputs move: linear quantisation keeps each weight within half a quantisation s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -108,6 +109,11 @@ class WeightQuantizeOptions(PassOptions):
         True, "quantise the output projection (LM head: a MatMul producing a graph output)"
     )
     calib_samples: int = option(64, "samples of --data used for gptq/awq statistics")
+    sequential: bool = option(
+        False,
+        "gptq/awq: each layer's input statistics from the model with the layers before it "
+        "quantised (one ONNX Runtime pass per group of layers sharing an input; slower)",
+    )
     damp: float = option(0.01, "gptq: fraction of the mean Hessian diagonal added to it")
     act_order: bool = option(True, "gptq: quantise input rows by decreasing activation energy")
     clip: bool | None = option(
@@ -188,22 +194,26 @@ class WeightQuantizePass(CompressionPass):
         if already:
             notes.append(f"the model already has {already} quantised weights; left them alone")
         weights, skipped = self._find(model)
-        if weights:
-            upgraded = upgrade_opset(model, self._needed_opset(weights), why=self._form())
+        # Weights going to ONNX Runtime's kernels need no newer opset (and a 1 B model should
+        # not go through the version converter, which serialises it whole).
+        qdq = [w for w in weights if self._format(w, self._layout(w))[0] == "qdq"]
+        if qdq:
+            upgraded = upgrade_opset(model, self._needed_opset(qdq), why=self._form())
             if upgraded:
                 notes.extend(upgraded)
                 weights, skipped = self._find(model)  # the converter rebuilt the graph
-        elif not already:
+        if not weights and not already:
             notes.append("no float weights to quantise")
 
-        calibrated = self._calibrate(model, weights, notes) if options.method != "rtn" else {}
-        awq = self._apply_awq(model.graph, weights, calibrated) if options.method == "awq" else {}
         layouts: Counter = Counter()
         formats: Counter = Counter()
         fallbacks: dict[str, list[str]] = defaultdict(list)
         gains: list[float] = []
+        awq: Counter = Counter()
         before = after = 0
-        for weight in weights:
+
+        def quantize_one(weight: Weight, stats: _InputStats | None) -> None:
+            nonlocal before, after
             layout = self._layout(weight)
             fmt, why = self._format(weight, layout)
             if why:
@@ -215,11 +225,39 @@ class WeightQuantizePass(CompressionPass):
             if layout.fallback:
                 fallbacks[layout.fallback].append(weight.name)
             before += weight.nbytes
-            stats_in = calibrated.get(weight.name)
-            nbytes, gain = self._quantize(model, weight, layout, fmt, stats_in)
+            source = weight.value.const_value
+            nbytes, gain = self._quantize(model, weight, layout, fmt, stats)
             after += nbytes
+            _release(source)
             if gain is not None:
                 gains.append(gain)
+
+        calibrated: dict[str, _InputStats] = {}
+        stages = self._stages(model, weights) if options.method != "rtn" else []
+        if stages and not options.sequential:
+            stages = [[w for stage in stages for w in stage]]
+        for stage in stages:
+            # Sequential: the statistics of each stage's inputs come from the model with every
+            # earlier stage already quantised, so later layers compensate earlier errors.
+            found = self._calibrate(model, stage)
+            calibrated.update(found)
+            if options.method == "awq":
+                awq.update(self._apply_awq(model.graph, stage, found))
+            for weight in stage:
+                quantize_one(weight, found.get(weight.name))
+            if options.sequential:
+                common_passes.TopologicalSortPass()(model)
+        if stages:
+            notes.append(
+                f"{options.method}: input statistics of {len(stages)} activation groups from "
+                f"{min(options.calib_samples, self.data.num_samples)} samples of "  # type: ignore[union-attr]
+                f"{self.data.description or '--data'}"  # type: ignore[union-attr]
+                + (", each from the model quantised up to it" if options.sequential else "")
+            )
+        done = {w.name for stage in stages for w in stage}
+        for weight in weights:
+            if weight.name not in done:
+                quantize_one(weight, None)
         if weights:
             common_passes.TopologicalSortPass()(model)
 
@@ -253,7 +291,7 @@ class WeightQuantizePass(CompressionPass):
             # Output error on the calibration inputs relative to round-to-nearest's (< 1: better).
             stats[f"{options.method}_error_vs_rtn"] = round(float(np.mean(gains)), 4)
         if awq:
-            stats["awq_scales"] = awq
+            stats["awq_scales"] = dict(awq)
         return CompressionResult(model, bool(weights) or lifted > 0, stats=stats, notes=notes)
 
     def _format(self, weight: Weight, layout: _Layout) -> tuple[str, str | None]:
@@ -291,9 +329,19 @@ class WeightQuantizePass(CompressionPass):
         return "qdq", (f"DequantizeLinear instead of ONNX Runtime's kernels ({reason})"
                        if explicit else None)  # fmt: skip
 
-    def _calibrate(
-        self, model: ir.Model, weights: list[Weight], notes: list[str]
-    ) -> dict[str, _InputStats]:
+    @staticmethod
+    def _stages(model: ir.Model, weights: list[Weight]) -> list[list[Weight]]:
+        """The weights gptq/awq handle, grouped by the activation they multiply, in graph
+        order (q/k/v of a layer form one stage, gate/up another)."""
+        position = {id(node): i for i, node in enumerate(model.graph)}
+        groups: dict[ir.Value, list[Weight]] = defaultdict(list)
+        for weight in weights:
+            x = _single_matmul_input(weight)
+            if x is not None:
+                groups[x].append(weight)
+        return sorted(groups.values(), key=lambda g: min(position[id(w.uses[0].node)] for w in g))
+
+    def _calibrate(self, model: ir.Model, weights: list[Weight]) -> dict[str, _InputStats]:
         """Second moment and mean |x| of the inputs of the weights gptq/awq handle, from
         ``--data`` run through ONNX Runtime (decoder inputs completed from the token ids)."""
         assert self.data is not None
@@ -315,10 +363,6 @@ class WeightQuantizePass(CompressionPass):
                 entry.hessian.add(rows)
                 entry.abs_sum += np.abs(rows).sum(axis=0)
                 entry.count += len(rows)
-        notes.append(
-            f"{self.options.method}: input statistics of {len(sizes)} activations from "
-            f"{total} samples of {self.data.description or '--data'}"
-        )
         return {w: stats[x.name] for w, x in inputs.items()}
 
     def _apply_awq(
@@ -423,7 +467,7 @@ class WeightQuantizePass(CompressionPass):
                 for u in weight.uses
             ):
                 skipped.append(Skipped(weight.name, "output projection (include_head=false)"))
-            elif not np.isfinite(weight.array).all():  # masks: -inf has no linear code
+            elif not _finite(weight):  # masks: -inf has no linear code
                 skipped.append(Skipped(weight.name, "holds inf or NaN"))
             else:
                 weights.append(weight)
@@ -580,6 +624,20 @@ class _InputStats:
                 h = h[np.ix_(order, order)]
             self._factors[act_order] = quant.inverse_hessian_factor(h, damp)
         return self._factors[act_order]
+
+
+def _finite(weight: Weight) -> bool:
+    finite = bool(np.isfinite(weight.array).all())
+    _release(weight.value.const_value)
+    return finite
+
+
+def _release(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap a weight held in external data once it has been read: a large model then never
+    has all of its float weights resident at once (it is mapped again if read again)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # a view of it is still alive somewhere
+            tensor.release()
 
 
 def _unscale(w: np.ndarray, stats: _InputStats) -> np.ndarray:

@@ -22,7 +22,7 @@ from onnxcomp.data import Dataset, load_data
 from onnxcomp.errors import UsageError
 from onnxcomp.passes import WeightQuantizeOptions, WeightQuantizePass
 from onnxcomp.target import resolve_target
-from tests.conftest import LOSS_ALLOWED, MODELS
+from tests.conftest import MODELS
 
 LLM = MODELS / "tiny_llm.onnx"
 CALIB = MODELS / "llm_calib.npz"
@@ -67,7 +67,7 @@ def test_awq_scaling_alone_leaves_outputs_unchanged(llm, calib):
         WeightQuantizeOptions(bits=4, block_size=32, method="awq"), data=calib
     )
     weights, _ = quantizer._find(model)
-    stats = quantizer._calibrate(model, weights, [])
+    stats = quantizer._calibrate(model, weights)
     counts = quantizer._apply_awq(model.graph, weights, stats)
     assert counts.get("folded", 0) >= 5  # input_norm / post_norm weights of the 5 layers
     assert counts.get("folded", 0) + counts.get("mul_inserted", 0) >= 10
@@ -88,6 +88,20 @@ def test_error_compensation_beats_rtn_on_the_decoder(llm, calib, method):
     ref = _logits(llm, ids)
     err = np.abs(_logits(quantized, ids) - ref).mean()
     assert err < np.abs(_logits(rtn, ids) - ref).mean()
+
+
+def test_sequential_statistics_come_from_the_partly_quantised_model(llm, calib):
+    """sequential=true collects each stage's inputs after the stages before it were quantised:
+    the result differs from one-pass statistics, and still beats round-to-nearest."""
+    small = Dataset({k: v[:2] for k, v in calib.inputs.items()})
+    one_pass, _ = _quantize(llm, small, bits=4, block_size=32, method="gptq")
+    staged, result = _quantize(llm, small, bits=4, block_size=32, method="gptq", sequential=True)
+    assert "each from the model quantised up to it" in " ".join(result.notes)
+    assert result.stats["gptq_error_vs_rtn"] < 0.8
+    codes = [v.const_value.numpy() for m in (one_pass, staged) for n, v in
+             m.graph.initializers.items() if n.endswith("_quantized")]  # fmt: skip
+    half = len(codes) // 2
+    assert any(not np.array_equal(a, b) for a, b in zip(codes[:half], codes[half:], strict=True))
 
 
 def test_formats_load_in_onnxruntime_and_agree(llm, calib):

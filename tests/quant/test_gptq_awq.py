@@ -105,7 +105,9 @@ def test_awq_keeps_rtn_when_no_scale_helps():
     assert alpha == 0 and ratio == 1.0 and np.all(s == 1)
 
 
-@pytest.mark.parametrize(("bits", "k", "symmetric"), [(4, 96, True), (4, 80, False), (8, 64, False)])
+@pytest.mark.parametrize(
+    ("bits", "k", "symmetric"), [(4, 96, True), (4, 80, False), (8, 64, False)]
+)
 def test_matmulnbits_layout_matches_onnxruntime(bits, k, symmetric):
     """Codes packed by to_matmulnbits, run by ONNX Runtime's own MatMulNBits kernel, give
     x @ dequantize(codes): the layout is the kernel's (K=80: a partial last block, 3 blocks:
