@@ -137,6 +137,12 @@ class Target:
         return U8S8_7BIT if self.saturates else U8S8
 
     @property
+    def weight_only_format(self) -> Literal["matmulnbits", "qdq"]:
+        """How weight-only int4/int8 is written for ``format=auto``: ONNX Runtime's CPU kernels
+        (MatMulNBits) on CPU kinds, standard DequantizeLinear elsewhere (see module doc)."""
+        return "matmulnbits" if self.kind in ("x86-avx2", "x86-vnni", "x86-amx", "arm64") else "qdq"
+
+    @property
     def int8_speed(self) -> str:
         """What to expect from ONNX Runtime's int8 kernels against float, in a few words."""
         if self.kind in ("x86-vnni", "x86-amx"):
@@ -226,12 +232,15 @@ def machine_report(target: Target) -> dict:
     static, dynamic = target.layout, target.dynamic_layout
     weight_only = ("DequantizeLinear + float kernels: smaller file, not faster on CPU "
                    "(ONNX Runtime dequantises each run)")  # fmt: skip
+    if target.weight_only_format == "matmulnbits":
+        weight_only = ("ONNX Runtime's MatMulNBits / GatherBlockQuantized (format=auto): "
+                       "smaller, and faster than float where decoding is memory-bound")  # fmt: skip
     passes = [
         {"pass": "int8-static", "layout": static.name,
          "effect": f"{static.summary}; int8 vs float: {target.int8_speed}"},
         {"pass": "int8-dynamic", "layout": dynamic.name,
          "effect": f"{dynamic.summary}; activations quantised at run time (MatMul/Gemm)"},
-        {"pass": "int8 / int4 / ternary / binary", "layout": "weight-only",
+        {"pass": "int8 / int4 / ternary / binary", "layout": target.weight_only_format,
          "effect": weight_only},
     ]  # fmt: skip
     return {

@@ -14,6 +14,16 @@ upgraded with onnx's version converter (and the notes say so), or the pass fails
 
 Outputs move: linear quantisation keeps each weight within half a quantisation step
 (``|w - w'| <= scale / 2``); binary and ternary weights lose accuracy without fine-tuning.
+
+Linear codes can be chosen with the layer's inputs in mind (``method``, from ``--data`` run
+through ONNX Runtime; decoders get their mask, positions and empty cache made up from token
+ids): ``gptq`` compensates each input row's rounding error with the rows not yet quantised
+(:mod:`onnxcomp.quant.gptq`), ``awq`` scales input channels by activation size, exactly (the
+``1 / s`` folded into the norm weight that makes the input, or a Mul), and clips each block's
+range by output error (:mod:`onnxcomp.quant.awq`, :mod:`onnxcomp.quant.clip`); these two drop
+the half-step bound for clipped or compensated weights in exchange for a smaller output error
+(``stats[method + "_error_vs_rtn"]``). ``format=matmulnbits`` writes ONNX Runtime's own kernels
+(MatMulNBits, GatherBlockQuantized) with the same codes instead of DequantizeLinear.
 """
 
 from __future__ import annotations
@@ -61,9 +71,6 @@ TABLE_OPS = frozenset({"Gather", "Slice"})  # embedding and position tables
 # Lowest opsets: per-axis DequantizeLinear, float16/bfloat16 scales, blocked scales + INT4, INT2.
 OPSET_PER_AXIS, OPSET_HALF_SCALES, OPSET_BLOCKED, OPSET_INT2 = 13, 19, 21, 25
 MS_DOMAIN = "com.microsoft"
-# format=auto: targets that run ONNX Runtime's CPU kernels, where MatMulNBits (shipped with ONNX
-# Runtime, a custom-domain op) is the fast path; portable and cuda get standard QDQ.
-NBITS_TARGETS = frozenset({"x86-avx2", "x86-vnni", "x86-amx", "arm64"})
 NBITS_BLOCK = 128  # MatMulNBits needs blocks; per-channel requests (int8) get blocks of this
 
 
@@ -170,9 +177,13 @@ class _Layout:
 
 
 class WeightQuantizePass(CompressionPass):
-    """Replace float weights by int8 / int4 / int2 initializers feeding DequantizeLinear."""
+    """Replace float weights by int8 / int4 / int2 initializers feeding DequantizeLinear, or
+    ONNX Runtime's MatMulNBits / GatherBlockQuantized (``format``)."""
 
-    summary = "weight-only quantisation: integer weights + DequantizeLinear (int8/int4/int2)"
+    summary = (
+        "weight-only quantisation (int8/int4/int2): integer weights + DequantizeLinear or "
+        "ONNX Runtime's MatMulNBits; rtn, gptq or awq rounding"
+    )
     options_class = WeightQuantizeOptions
     options: WeightQuantizeOptions
     lossless = False
@@ -298,9 +309,8 @@ class WeightQuantizePass(CompressionPass):
         """``qdq`` or ``matmulnbits`` for this weight, and why not the one asked for (if so)."""
         options = self.options
         wanted = options.format
-        if wanted == "auto":
-            cpu = self.resolved_target().kind in NBITS_TARGETS
-            wanted = "matmulnbits" if cpu else "qdq"
+        if wanted == "auto":  # the target decides (Target.weight_only_format)
+            wanted = self.resolved_target().weight_only_format
         if wanted == "qdq" or options.scheme != "linear" or options.bits == 2:
             return "qdq", None
         reason = None
