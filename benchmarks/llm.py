@@ -79,20 +79,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens (default 64)")
     p.add_argument("--new-tokens", type=int, default=32, help="decoded tokens (default 32)")
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--block", type=int, default=BLOCK, help="int4 block size (default 32)")
     p.add_argument("--quick", action="store_true", help="5 variants, 5 runs")
     p.add_argument("--json", help="write all figures here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def quantise(label: str, model: Path, out_dir: Path) -> dict[str, Any]:
+def quantise(label: str, model: Path, out_dir: Path, block: int) -> dict[str, Any]:
     """Run one quantiser in a child process; its output path, seconds and peak RSS."""
     tool, recipe = VARIANTS[label]
+    if recipe.startswith("int4"):
+        recipe += f":block_size={block}"
     if tool == "-":
         return {"path": str(model), "seconds": None, "peak_rss_bytes": None}
     output = out_dir / (label.replace(" ", "_") + ".onnx")
     request = {"tool": tool, "recipe": recipe, "model": str(model), "output": str(output),
-               "calib": str(CALIB)}  # fmt: skip
+               "calib": str(CALIB), "block": block}  # fmt: skip
     # One BLAS thread: on a busy 2-core machine OpenBLAS's spinning threads made 128x128
     # factorisations 1000x slower; the same for every quantiser.
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
@@ -129,12 +132,13 @@ def worker(request_text: str) -> int:
 
             if request["recipe"] == "GPTQ":
                 config: Any = mnq.GPTQWeightOnlyQuantConfig(
-                    calibration_data_reader=_reader(request["calib"]), block_size=BLOCK
+                    calibration_data_reader=_reader(request["calib"]), block_size=request["block"]
                 )
             else:
                 config = mnq.DefaultWeightOnlyQuantConfig(
-                    block_size=BLOCK, is_symmetric=True, op_types_to_quantize=("MatMul", "Gather")
-                )
+                    block_size=request["block"], is_symmetric=True,
+                    op_types_to_quantize=("MatMul", "Gather"),
+                )  # fmt: skip
             quantizer = mnq.MatMulNBitsQuantizer(onnx.load(request["model"]), algo_config=config)
             quantizer.process()
             big = Path(request["model"]).with_suffix(".onnx.data").exists()
@@ -213,7 +217,7 @@ def bench_model(name: str, model: Path, labels: list[str], args: argparse.Namesp
     rows = []
     for label in labels:
         print(f"[{name}] quantising: {label}", file=sys.stderr, flush=True)
-        result = quantise(label, model, tmp)
+        result = quantise(label, model, tmp, args.block)
         row = {"model": name, "variant": label, "tool": VARIANTS[label][0],
                "recipe": VARIANTS[label][1], **result}  # fmt: skip
         if score and row.get("path"):
@@ -239,8 +243,9 @@ def bench_model(name: str, model: Path, labels: list[str], args: argparse.Namesp
 
 def print_table(name: str, rows: list[dict[str, Any]], cpu: str, args: argparse.Namespace) -> None:
     base = rows[0]
-    table = Table(title=f"{name}: int4 block {BLOCK} weight-only, {cpu}, {args.threads} thread(s), "
-                  f"prompt {args.prompt}, {args.new_tokens} new tokens", title_justify="left",
+    table = Table(title=f"{name}: int4 block {args.block} weight-only, {cpu}, "
+                  f"{args.threads} thread(s), prompt {args.prompt}, {args.new_tokens} new tokens",
+                  title_justify="left",
                   box=box.SIMPLE_HEAD)  # fmt: skip
     for header in ("variant", "tool", "size", "perplexity", "prefill ms", "decode tok/s",
                    "peak mem", "quant s", "quant RSS", "note"):  # fmt: skip
