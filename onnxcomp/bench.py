@@ -43,7 +43,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from onnxcomp import runtime
+from onnxcomp import decoder, runtime
 from onnxcomp.data import (
     DEFAULT_OTHER_DIM,
     Dataset,
@@ -84,6 +84,11 @@ MEMORY_METHOD = (
     "session creation, in a fresh child process per model and setting that first built a trivial "
     "session (so ONNX Runtime's own start-up is not charged to the model); covers session creation "
     "and the warm-up runs at that batch size; host memory only (not GPU memory)"
+)
+DECODE_METHOD = (
+    "decoders (inputs input_ids + past_key_values.*): latency and prefill = the prompt with an "
+    "empty cache; decode = {n} greedy steps of one token fed the previous present.* (wall time "
+    "of the whole loop, models interleaved, 1 warm-up), tokens/s = batch * {n} / p50"
 )
 DEFAULT_SAMPLES = 512
 Status = Literal["ok", "n/a", "unavailable", "error"]
@@ -165,6 +170,8 @@ class Cell:
     agreement: float | None = None  # share of samples whose top-1 matches the first model's
     cosine: float | None = None  # lowest cosine over outputs, against the first model
     max_abs_err: float | None = None  # largest over outputs, against the first model
+    prefill_ms: float | None = None  # --decode: p50 of the prompt's run (empty cache)
+    decode_tokens_per_s: float | None = None  # --decode: new tokens (x batch) per second
     ratios: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -311,7 +318,18 @@ def make_feeds(
 ) -> dict[str, np.ndarray]:
     """``batch`` samples: the first of ``data`` (repeated when it has fewer), else random inputs
     (seed 0, so models with the same inputs get the same values). Dims other than the batch come
-    from ``shapes`` or the model, dynamic ones default to 32."""
+    from ``shapes`` or the model, dynamic ones default to 32. A decoder with a KV cache gets a
+    prompt (``input_ids``, random unless in ``data``) with its mask, positions and an empty
+    cache, whatever other inputs ``data`` holds."""
+    sig = decoder.signature(model)
+    if sig is not None:
+        if data is not None and "input_ids" in data.inputs:
+            ids = data.inputs["input_ids"]
+            ids = np.concatenate([ids] * -(-batch // len(ids)))[:batch]
+        else:
+            seq = (shapes or {}).get("input_ids", (batch, DEFAULT_OTHER_DIM))[-1]
+            ids = np.random.default_rng(0).integers(0, _vocabulary(model), (batch, seq))
+        return decoder.complete_feeds(sig, {"input_ids": np.ascontiguousarray(ids, np.int64)})
     if data is not None:
         feeds = {}
         for name, array in data.inputs.items():
@@ -348,6 +366,7 @@ class BenchOptions:
     shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     samples: int = DEFAULT_SAMPLES  # samples of the data the accuracy figures use
     memory: bool = True  # measure peak memory in a child process per model and setting
+    decode: int = 0  # decoders: new tokens generated with the KV cache after the prompt
 
     def validate(self) -> list[Setting]:
         """The settings grid, or a UsageError for an option out of range."""
@@ -356,6 +375,8 @@ class BenchOptions:
                              f"(use {', '.join(runtime.LEVELS)})")
         if self.runs < 1 or self.warmup < 0 or self.samples < 1:
             raise UsageError("runs and samples must be >= 1 and warm-up >= 0")
+        if self.decode < 0:
+            raise UsageError("--decode must be >= 0 (new tokens)")
         if self.time_budget is not None and self.time_budget <= 0:
             raise UsageError("the time budget must be > 0 seconds")
         for name in self.provider_options:
@@ -376,6 +397,7 @@ class BenchOptions:
             "timing": TIMING_METHOD,
             "session_creation": SESSION_METHOD,
             "memory": MEMORY_METHOD if self.memory else "not measured",
+            "decode": DECODE_METHOD.format(n=self.decode) if self.decode else None,
         }  # fmt: skip
 
 
@@ -544,11 +566,38 @@ class _Bench:
                 raise
             for (_, cell, _, _), got in zip(live, times, strict=True):
                 _set_latency(cell, got)
+            if self.options.decode:
+                self._decode(live)
             self.report.cells.extend(cells)
             if any(item.data is not None for item, *_ in live):
                 self._accuracy(live, setting)
         finally:
             self._progress(setting, base + self.rounds)
+
+    def _decode(self, live: list[_Live]) -> None:
+        """Prefill latency and decoding speed with the KV cache, for the models that are
+        decoders (:mod:`onnxcomp.decoder`); other models get a note."""
+        loops, cells = [], []
+        for item, cell, session, feeds in live:
+            assert item.model is not None
+            sig = decoder.signature(item.model)
+            if sig is None:
+                cell.note = _join(cell.note, "--decode: not a decoder with a KV cache")
+                continue
+            loops.append(_decode_loop(session, sig, feeds, self.options.decode))
+            cells.append(cell)
+        if not loops:
+            return
+        try:
+            times = measure(loops, runs=min(self.options.runs, 5), warmup=1)
+        except OnnxcompError as e:
+            for cell in cells:
+                cell.note = _join(cell.note, f"decode not measured: {e}")
+            return
+        for cell, got in zip(cells, times, strict=True):
+            cell.prefill_ms = cell.latency.p50 if cell.latency else None
+            p50 = float(np.median(got))
+            cell.decode_tokens_per_s = cell.batch * self.options.decode / p50 if p50 else None
 
     def _warm_runtime(self, setting: Setting) -> None:
         """Build and run a trivial session under this setting, so that one-off start-up costs
@@ -689,6 +738,50 @@ def _runner(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> Call
         return session.run(None, feeds)
 
     return call
+
+
+def _decode_loop(
+    session: ort.InferenceSession,
+    sig: decoder.DecoderSignature,
+    feeds: dict[str, np.ndarray],
+    steps: int,
+) -> Callable[[], object]:
+    """A call that generates ``steps`` tokens greedily after the prompt in ``feeds`` (whose
+    outputs are computed once, here, and not timed)."""
+    names = decoder.output_names(sig)
+
+    def run(step_in: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return dict(zip(names, session.run(names, step_in), strict=True))
+        except Exception as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OnnxcompError(f"ONNX Runtime failed to decode: {message[:300]}") from None
+
+    first = run(feeds)
+    prompt = feeds["input_ids"].shape[1]
+
+    def call() -> object:
+        outputs = first
+        for step in range(steps):
+            next_ids = outputs[sig.logits][:, -1].argmax(-1)[:, None]
+            outputs = run(decoder.step_feeds(sig, next_ids, outputs, prompt + step))
+        return outputs
+
+    return call
+
+
+def _vocabulary(model: ir.Model) -> int:
+    """Token ids to draw random prompts from: the logits' last dim when static, else the
+    embedding table's rows, else 100."""
+    for value in model.graph.outputs:
+        shape = value.shape
+        if value.name == "logits" and shape is not None and isinstance(shape[-1], int):
+            return int(shape[-1])
+    for node in model.graph:
+        table = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
+        if table is not None and table.const_value is not None and len(table.shape or ()) == 2:
+            return int(table.const_value.shape[0])
+    return 100
 
 
 def _set_latency(cell: Cell, seconds: list[float]) -> None:

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="passed to the provider, e.g. cuda:device_id=1 (repeatable)")
     bench.add_argument("--no-memory", action="store_true",
                        help="skip the peak-memory probe (a child process per model and setting)")
+    bench.add_argument("--decode", type=int, default=0, metavar="N",
+                       help="decoders with a KV cache: prefill ms and tokens/s generating N "
+                       "tokens after the prompt (--shape input_ids=1x64 sets the prompt)")
     bench.add_argument("--json", help="write the results as JSON here")
     bench.add_argument("--plot", help="write a PNG of latency vs size here (needs matplotlib)")
     bench.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -331,6 +334,7 @@ def _bench(args: argparse.Namespace) -> int:
         shapes=parse_shapes(args.shape),
         samples=args.samples,
         memory=not args.no_memory,
+        decode=args.decode,
     )
     options.validate()
     reads = {f"the input model {m}": m for m in args.models}

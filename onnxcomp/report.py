@@ -278,7 +278,8 @@ def print_bench(data: dict[str, Any], console: Console) -> None:
     columns = ["setting", "model", "session ms", "p50 ms", "p90 ms", "p99 ms", "samples/s",
                "peak memory"]  # fmt: skip
     extra = [(key, header) for key, header in
-             (("accuracy", "top-1"), ("agreement", "agree"), ("cosine", "cosine"))
+             (("accuracy", "top-1"), ("agreement", "agree"), ("cosine", "cosine"),
+              ("prefill_ms", "prefill ms"), ("decode_tokens_per_s", "decode tok/s"))
              if any(r.get(key) is not None for r in results)]  # fmt: skip
     columns += [header for _, header in extra] + ["note"]
     table = Table(title="bench: each figure with its ratio to the first model "
@@ -556,6 +557,8 @@ def _metric_label(metric: str | None) -> str:
 
 
 def _metric_text(metric: str | None, value: float) -> str:
+    if metric in ("prefill_ms", "decode_tokens_per_s"):  # bench --decode
+        return f"{value:,.1f}"
     return f"{value:.6f}" if metric == "cosine" else f"{value:.2%}"
 
 

@@ -20,6 +20,12 @@ and on a VNNI CPU 7-bit weights run at u8s8's speed while u8u8 is slower (encode
 taken here (qemu's emulation is faithful in numerics, not in time); ONNX Runtime's AVX2 u8u8
 kernel also widens to 16 bits, so 7-bit weights are the choice for saturating targets and
 ``portable``.
+
+Weight-only int4/int8 (``format=auto``): the CPU kinds (``x86-avx2``, ``x86-vnni``,
+``x86-amx``, ``arm64``) get ONNX Runtime's ``com.microsoft`` kernels (MatMulNBits,
+GatherBlockQuantized), which ONNX Runtime ships; ``portable`` and ``cuda`` get standard
+blocked DequantizeLinear (QDQ), so no custom-domain op is written unless a CPU target or
+``format=matmulnbits`` asks for it (ONNX Runtime fuses QDQ into MatMulNBits itself anyway).
 """
 
 from __future__ import annotations
@@ -135,6 +141,12 @@ class Target:
         return U8S8_7BIT if self.saturates else U8S8
 
     @property
+    def weight_only_format(self) -> Literal["matmulnbits", "qdq"]:
+        """How weight-only int4/int8 is written for ``format=auto``: ONNX Runtime's CPU kernels
+        (MatMulNBits) on CPU kinds, standard DequantizeLinear elsewhere (see module doc)."""
+        return "matmulnbits" if self.kind in ("x86-avx2", "x86-vnni", "x86-amx", "arm64") else "qdq"
+
+    @property
     def int8_speed(self) -> str:
         """What to expect from ONNX Runtime's int8 kernels against float, in a few words."""
         if self.kind in ("x86-vnni", "x86-amx"):
@@ -224,12 +236,15 @@ def machine_report(target: Target) -> dict:
     static, dynamic = target.layout, target.dynamic_layout
     weight_only = ("DequantizeLinear + float kernels: smaller file, not faster on CPU "
                    "(ONNX Runtime dequantises each run)")  # fmt: skip
+    if target.weight_only_format == "matmulnbits":
+        weight_only = ("ONNX Runtime's MatMulNBits / GatherBlockQuantized (format=auto): "
+                       "smaller, and faster than float where decoding is memory-bound")  # fmt: skip
     passes = [
         {"pass": "int8-static", "layout": static.name,
          "effect": f"{static.summary}; int8 vs float: {target.int8_speed}"},
         {"pass": "int8-dynamic", "layout": dynamic.name,
          "effect": f"{dynamic.summary}; activations quantised at run time (MatMul/Gemm)"},
-        {"pass": "int8 / int4 / ternary / binary", "layout": "weight-only",
+        {"pass": "int8 / int4 / ternary / binary", "layout": target.weight_only_format,
          "effect": weight_only},
     ]  # fmt: skip
     return {

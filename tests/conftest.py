@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# One BLAS thread per test process, set before numpy loads OpenBLAS: pytest -n 2 on 2 cores
+# already fills them, and OpenBLAS's spinning threads on top made small factorisations (GPTQ's
+# 128x128 Cholesky) up to 1000x slower on a busy machine. Results do not depend on it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 import onnx

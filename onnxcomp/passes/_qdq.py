@@ -31,7 +31,7 @@ LOW_BIT_TYPES = frozenset(
 QUANTIZED_OPS = frozenset(
     {
         "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QGemm",
-        "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits",
+        "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulNBits", "GatherBlockQuantized",
     }
 )  # fmt: skip
 
