@@ -25,7 +25,11 @@ DEFAULT_OTHER_DIM = 32
 
 @dataclasses.dataclass
 class Dataset:
-    """Inputs keyed by graph-input name (first axis = samples) and optional labels."""
+    """Inputs keyed by graph-input name (first axis = samples) and optional labels.
+
+    A 0-d array feeds a scalar graph input: it has no sample axis and is the same in every
+    batch.
+    """
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
@@ -33,22 +37,40 @@ class Dataset:
 
     @property
     def num_samples(self) -> int:
-        return len(next(iter(self.inputs.values()))) if self.inputs else 0
+        """Length of the sample axis; 1 when every input is a scalar (or there are none:
+        a model without inputs still runs once)."""
+        batched = [a for a in self.inputs.values() if np.ndim(a)]
+        return len(batched[0]) if batched else 1
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds of at most ``batch_size`` samples, covering the first ``limit`` samples."""
+        """Feeds of at most ``batch_size`` samples, covering the first ``limit`` samples; one
+        feed of the arrays as they are when the sample axis is empty (declared size 0)."""
         total = self.num_samples if limit is None else min(limit, self.num_samples)
+        if total == 0:
+            yield dict(self.inputs)
+            return
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
-            yield {name: array[start:stop] for name, array in self.inputs.items()}
+            yield take(self.inputs, slice(start, stop))
+
+
+def take(inputs: Mapping[str, np.ndarray], rows: slice | np.ndarray) -> dict[str, np.ndarray]:
+    """``rows`` of the sample axis of every input; a 0-d input (no sample axis) as it is."""
+    return {name: array[rows] if np.ndim(array) else array for name, array in inputs.items()}
 
 
 def static_batch(model: ir.Model) -> int | None:
     """The batch size a model fixes with a static leading input dim, or None if it is free."""
     for value in graph_inputs(model):
-        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
-            return max(1, value.shape[0])
+        if value.shape is not None and len(value.shape) and static_dim(value.shape[0]):
+            return value.shape[0]
     return None
+
+
+def static_dim(dim: int | ir.SymbolicDim) -> bool:
+    """Whether a declared dim fixes a size: an int >= 1. Named and unnamed dims are dynamic,
+    and so is -1 (as Paddle2ONNX writes a dynamic dim); 0 fixes nothing a batch can use."""
+    return isinstance(dim, int) and dim >= 1
 
 
 def run_batch_size(model: ir.Model, num_samples: int, cap: int = 16) -> int:
@@ -92,8 +114,14 @@ def check_data(dataset: Dataset, model: ir.Model, *, source: str = "data") -> No
             f"{source} does not match the model's inputs ({'; '.join(parts)}); "
             f"the model expects: {', '.join(expected)}"
         )
-    counts = {name: len(a) if a.ndim else 0 for name, a in dataset.inputs.items()}
-    if len(set(counts.values())) != 1 or 0 in counts.values():
+    scalars = [n for n, a in dataset.inputs.items() if not a.ndim]
+    for name in scalars:
+        shape = expected[name].shape
+        if shape is None or len(shape):
+            raise OnnxcompError(f"{source}: '{name}' is a single value (0-d), the model expects "
+                                f"{'an array' if shape is None else f'rank {len(shape)}'}")
+    counts = {name: len(a) for name, a in dataset.inputs.items() if a.ndim}
+    if len(set(counts.values())) > 1 or 0 in counts.values():
         raise OnnxcompError(
             f"{source}: arrays must share a non-empty first (sample) axis: {counts}"
         )
@@ -109,7 +137,7 @@ def check_data(dataset: Dataset, model: ir.Model, *, source: str = "data") -> No
                     f"{source}: '{name}' has rank {array.ndim}, the model expects {len(shape)}"
                 )
             for axis, (dim, got) in enumerate(zip(shape, array.shape, strict=True)):
-                if axis and isinstance(dim, int) and dim != got:
+                if axis and static_dim(dim) and dim != got:
                     raise OnnxcompError(
                         f"{source}: '{name}' has size {got} on axis {axis}, the model expects {dim}"
                     )
@@ -165,7 +193,8 @@ def random_inputs(
                              f"the model expects {len(value.shape)}")
         chosen.append(f"{value.name}={'x'.join(map(str, shape)) or 'scalar'}")
         dtype = _numpy_dtype(value) or np.dtype(np.float32)
-        inputs[value.name] = _random_array(value, shape, dtype, rng)
+        # np.asarray: numpy's generators return scalars, not 0-d arrays, for shape ().
+        inputs[value.name] = np.asarray(_random_array(value, shape, dtype, rng))
     return Dataset(inputs=inputs, description="random inputs " + ", ".join(chosen))
 
 
@@ -173,7 +202,8 @@ def _default_shape(value: ir.Value) -> tuple[int, ...]:
     if value.shape is None:
         return ()
     return tuple(
-        dim if isinstance(dim, int) else (DEFAULT_BATCH_DIM if axis == 0 else DEFAULT_OTHER_DIM)
+        dim if static_dim(dim) or dim == 0
+        else (DEFAULT_BATCH_DIM if axis == 0 else DEFAULT_OTHER_DIM)
         for axis, dim in enumerate(value.shape)
     )
 
