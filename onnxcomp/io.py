@@ -1,24 +1,33 @@
 """Reading and writing model files: the only module that touches model paths.
 
 Promises: the input is never modified; outputs appear atomically (written into a temporary
-folder beside the target, then renamed), so a failure leaves no partial file; a write that
-would land on a file the model is still reading weights from (its own external data) is
-refused; external data is used when the input had it or the weights pass ~1.5 GB, since a
-protobuf cannot exceed 2 GB.
+folder beside the target, then renamed), so a failure or a kill leaves no partial file; a
+model with external data is two files, so its old copy is removed before the new pair is
+renamed in (a kill between the renames leaves no model, never one reading another's data),
+and concurrent writers to one folder rename under a lock (the last leaves one whole model,
+never one's model with another's data); a write that would land on a file the model is still
+reading weights from (its own external data) is refused; external data is used when the input
+had it or the weights pass ~1.5 GB, since a protobuf cannot exceed 2 GB.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
 from onnxcomp.errors import ModelLoadError, UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_500_000_000
 
@@ -93,14 +102,31 @@ def save(
         raise UsageError(f"cannot write to {target_dir}: {e.strerror}") from None
     try:
         ir.save(model, tmp_dir / path.name, external_data=data_name if external_data else None)
-        if external_data:
-            os.replace(tmp_dir / data_name, target_dir / data_name)
-        os.replace(tmp_dir / path.name, path)
+        with _folder_lock(target_dir):
+            if external_data:
+                path.unlink(missing_ok=True)
+                os.replace(tmp_dir / data_name, target_dir / data_name)
+            os.replace(tmp_dir / path.name, path)
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return sum(p.stat().st_size for p in written)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on ``folder`` for the renames of one save: concurrent onnxcomp
+    writers to one folder rename one at a time. The kernel drops it if the process dies."""
+    if fcntl is None:  # not POSIX: renames are still atomic one by one
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def guard_paths(
