@@ -43,15 +43,18 @@ def main() -> int:
     parser.add_argument("--models", default="*", help="fnmatch pattern(s) over model names, "
                         "comma-separated")
     parser.add_argument("--skip-group", action="append", default=[], help="a group to leave out")
+    parser.add_argument("--skip", default="", help="fnmatch pattern(s) of models to leave out, "
+                        "comma-separated (e.g. light/vgg19: 575 MB)")
     parser.add_argument("--passes", help="comma-separated pass names (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="pairs run in parallel")
     parser.add_argument("--json", help="write the outcomes as JSON here")
     args = parser.parse_args()
 
-    patterns = args.models.split(",")
+    patterns, skips = args.models.split(","), [p for p in args.skip.split(",") if p]
     models = [
         m for m in mc.all_models()
         if any(fnmatch.fnmatchcase(m.name, p) for p in patterns) and m.group not in args.skip_group
+        and not any(fnmatch.fnmatchcase(m.name, p) for p in skips)
     ]  # fmt: skip
     passes = args.passes.split(",") if args.passes else mc.matrix_passes()
     out = console()
