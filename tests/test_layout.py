@@ -193,3 +193,10 @@ def test_scalar_graph_inputs_get_scalar_check_inputs(tmp_path: Path):
     _, report = onnxcomp.optimize(path, "simplify", output=tmp_path / "o.onnx")
     assert "lo=scalar" in report.check_inputs and "x=2x5" in report.check_inputs
     assert report.final_check[0].max_abs == 0
+
+
+def test_fold_bn_says_why_it_leaves_overridable_batchnorms(tmp_path: Path):
+    source = _legacy_conv_bn(tmp_path / "legacy.onnx", ir_version=7)
+    _, report = onnxcomp.optimize(source, "fold-bn", keep_initializer_inputs=True)
+    assert report.records[0].stats["batchnorms_folded"] == 0
+    assert all("graph inputs, which a caller may override" in n for n in report.records[0].notes)

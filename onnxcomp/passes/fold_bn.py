@@ -79,6 +79,8 @@ def _why_kept(node: ir.Node) -> str:
         return "training-mode outputs (running mean/var) are used"
     if any(v is None or v.const_value is None for v in node.inputs[1:5]):
         return "scale/bias/mean/var are not constants"
+    if any(v.is_graph_input() for v in node.inputs[1:5]):
+        return "scale/bias/mean/var are graph inputs, which a caller may override"
     producer = node.inputs[0].producer() if node.inputs[0] is not None else None
     if producer is None:
         return "its input is a graph input, not a linear op"
@@ -89,6 +91,8 @@ def _why_kept(node: ir.Node) -> str:
     weights = [v for v in producer.inputs[1:] if v is not None]
     if any(v.const_value is None for v in weights):
         return f"the {producer.op_type} weights are not constant"
+    if any(v.is_graph_input() for v in weights):
+        return f"the {producer.op_type} weights are graph inputs, which a caller may override"
     if any(len(v.uses()) > 1 for v in weights):
         return f"the {producer.op_type} weights are shared with another node"
     if producer.op_type in {"MatMul", "Add"}:
