@@ -200,3 +200,12 @@ def test_fold_bn_says_why_it_leaves_overridable_batchnorms(tmp_path: Path):
     _, report = onnxcomp.optimize(source, "fold-bn", keep_initializer_inputs=True)
     assert report.records[0].stats["batchnorms_folded"] == 0
     assert all("graph inputs, which a caller may override" in n for n in report.records[0].notes)
+
+
+def test_a_model_onnx_runtime_cannot_run_is_one_line_on_stderr(tmp_path: Path, capfd):
+    """onnx's converter cannot give opset-6 PRelu's channel broadcast an opset-7 form; ONNX
+    Runtime's own ERROR log of the failing kernel used to precede onnxcomp's one line."""
+    source = mc.BACKEND_DIR / "pytorch-converted" / "test_PReLU_2d_multiparam" / "model.onnx"
+    assert main(["optimize", str(source), "-p", "int8", "-o", str(tmp_path / "o.onnx")]) == 1
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("onnxcomp: error: cannot run the input model")
