@@ -15,8 +15,9 @@ subfolder, no weights at all, input dims named / -1 / unnamed / undeclared, and 
 - ``ok``: the written model passes onnx.checker, loads in plain ONNX Runtime, and its outputs
   have the input model's shapes and are finite wherever the input model's are;
 - ``refused``: onnxcomp said why in one line (an OnnxcompError that is not a failed pass);
-- ``failed``: anything else: a pass that broke the model (PassFailedError), an internal error,
-  a written model that fails a check above, an error message over several lines.
+- ``failed``: anything else: a pass that broke the model (PassFailedError) or built one ONNX
+  Runtime rejects, an internal error, a written model that fails a check above, an error
+  message over several lines.
 
 Shared by tests/test_matrix.py (a bounded sample) and benchmarks/matrix.py (all of it).
 """
@@ -530,6 +531,9 @@ def judge(spec: MatrixModel, pass_name: str, folder: Path) -> Outcome:
         text = str(e)
         if "\n" in text.strip():
             return outcome("failed", f"a message over several lines: {text[:300]}")
+        if text.startswith("pass '") and "ONNX Runtime" in text:
+            # The input model ran (the check's reference did): a pass built one that does not.
+            return outcome("failed", text)
         return outcome("refused", text)
     except Exception as e:
         return outcome("failed", f"internal error: {type(e).__name__}: {e}"[:400])
