@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Collection, Iterator, Mapping
+from glob import escape as glob_escape
 from pathlib import Path
 
 import onnx
@@ -97,7 +98,8 @@ def save(
         ir.external_data.load_to_model(model)
 
     try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=target_dir))
+        _remove_orphans(target_dir, path.name)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=target_dir))
     except OSError as e:
         raise UsageError(f"cannot write to {target_dir}: {e.strerror}") from None
     try:
@@ -112,6 +114,26 @@ def save(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return sum(p.stat().st_size for p in written)
+
+
+def _remove_orphans(folder: Path, name: str) -> None:
+    """Remove temporary folders an earlier write of ``name`` left when it was killed: those
+    whose process (named in the folder name) is gone. A live writer's folder stays."""
+    for tmp in folder.glob(f".{glob_escape(name)}.*.*"):
+        pid, _, suffix = tmp.name[len(name) + 2 :].partition(".")
+        # ".NAME.PID.RANDOM", RANDOM without dots: not another output's ".NAME.x.PID.RANDOM".
+        if tmp.is_dir() and pid.isdigit() and "." not in suffix and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 @contextlib.contextmanager

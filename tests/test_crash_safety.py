@@ -100,6 +100,12 @@ def test_kill_while_writing_leaves_no_output_and_the_input_intact(tmp_path: Path
     assert not out.exists() and not (tmp_path / "out.onnx.data").exists()
     assert _digest(source, tmp_path / "in.weights") == before
     onnx.checker.check_model(str(source))
+    # The killed writer's temporary folder is removed by the next write of that output.
+    assert [p.name for p in tmp_path.glob(".out.onnx.*")]
+    rerun = _start("none", source, out, tmp_path / "unused", wait=0)
+    assert rerun.wait(60) == 0
+    assert not list(tmp_path.glob(".out.onnx.*"))
+    onnx.checker.check_model(str(out))
 
 
 def test_kill_between_the_renames_never_pairs_an_old_model_with_new_data(tmp_path: Path):
