@@ -4,9 +4,18 @@ For each model (the demo models, or ``--models PATH[:CALIB.npz[:EVAL.npz]]``) th
 
 - onnxcomp variants: ``int8``, ``int4``, ``ternary``, ``binary``, ``fp16``, and ``int8-static``
   / ``int8-dynamic`` when the registry has them (picked up by name; skipped with a note if not);
-- ONNX Runtime's own quantisers: ``quantize_dynamic`` (QInt8 weights), ``quantize_static``
-  (QDQ, per channel, MinMax calibration on the calib split through a CalibrationDataReader),
-  and, for models with MatMul weights, ``MatMulNBitsQuantizer`` (4-bit, block 32, symmetric).
+  a pass with a ``layout`` option gets one row per integer layout (``int8-static:u8s8``,
+  ``int8-static:u8s8-7bit``, ``int8-static:u8u8``, ``int8-static:s8s8``, ...), and
+  ``int8-static@host`` is int8-static for ``--target host``: per-region int8/float placement
+  measured on this machine at batch 1 and 32 (it must not be slower than fp32 at either);
+- ONNX Runtime's own quantisers: ``quantize_dynamic`` (QInt8 weights, per tensor) without and
+  with ``reduce_range`` (7-bit weights), ``quantize_static`` (QDQ, per channel, MinMax
+  calibration on the calib split through a CalibrationDataReader) without and with
+  ``reduce_range``, and, for models with MatMul weights, ``MatMulNBitsQuantizer`` (4-bit,
+  block 32, symmetric).
+
+The CPU (model, AVX2 / VNNI / AMX flags, the target ``host`` resolves to) is printed first:
+which integer layout is exact and which is fast depends on it (README, "Targets").
 
 Every quantiser runs in a fresh child process, so its wall time and peak RSS are its own (peak
 RSS: VmHWM reset after the imports, i.e. resident imports plus what quantising added). All
@@ -14,20 +23,23 @@ quantisers see the calib split; every figure is then taken by ``benchmarks/_runn
 timing loop, variants interleaved run by run) with accuracy and output cosine against fp32 on
 the eval split. Run from the repository root::
 
-    python benchmarks/quantize.py --threads 1,2 --batch 1,32 --runs 30 --json quantize.json
+    python benchmarks/quantize.py --threads 1 --batch 1,32 --runs 30 --json quantize.json
     python benchmarks/quantize.py --quick        # smoke run: threads 1, batch 1, few runs
+    python benchmarks/quantize.py --only 'int8-static*,ort-*'   # some variants only
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import json
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +49,21 @@ from onnxcomp import registry
 from onnxcomp.bench import Candidate
 from onnxcomp.io import write_text
 from onnxcomp.report import console, format_bytes, print_bench, to_json
+from onnxcomp.target import probe_host, resolve_target
 
 REPO = Path(__file__).resolve().parent.parent
 DEMOS = {
     "digits_cnn": ("digits_cnn.onnx", "digits_calib.npz", "digits_eval.npz"),
     "tiny_encoder": ("tiny_encoder.onnx", "encoder_calib.npz", "encoder_eval.npz"),
+    # no held-out split: scored by cosine against fp32 on its calibration inputs
+    "mbv3_block": ("mbv3_block.onnx", "mbv3_block_calib.npz", "mbv3_block_calib.npz"),
 }
 ONNXCOMP_PASSES = ("int8", "int4", "ternary", "binary", "fp16", "int8-static", "int8-dynamic")
+# Extra options of a pass on one demo model: the MobileNetV3 block's Convs sit next to
+# HardSwish, so int8-static leaves all but one float unless HardSwish runs in int8 too.
+MODEL_OPTIONS = {("mbv3_block", "int8-static"): "hard_activations=int8"}
+# int8-static@host times its placement at batch 1 and this batch, the table's largest.
+MEASURE_BATCH = 32
 NBITS_BLOCK = 32
 CALIB_BATCH = 16
 MIN_RUNS = 30
@@ -68,13 +88,17 @@ class Job:
     label: str
     kind: str  # "onnxcomp", "ort-dynamic", "ort-static", "ort-nbits"
     pipeline: str | None = None
+    target: str | None = None  # onnxcomp's --target
+    reduce_range: bool = False  # ORT's quantisers: 7-bit weights
 
     @property
     def tool(self) -> str:
+        rr = " reduce_range" if self.reduce_range else ""
         return {
-            "onnxcomp": f"onnxcomp {self.pipeline}",
-            "ort-dynamic": "ort quantize_dynamic QInt8",
-            "ort-static": "ort quantize_static QDQ per-channel",
+            "onnxcomp": f"onnxcomp {self.pipeline}"
+            + (f" --target {self.target}" if self.target else ""),
+            "ort-dynamic": f"ort quantize_dynamic QInt8{rr}",
+            "ort-static": f"ort quantize_static QDQ per-channel{rr}",
             "ort-nbits": f"ort MatMulNBits 4-bit b{NBITS_BLOCK}",
         }[self.kind]
 
@@ -89,7 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: threads 1, batch 1, 5 runs, 256 samples")  # fmt: skip
     p.add_argument("--detail", action="store_true", help="also print the full bench tables")
-    p.set_defaults(threads="1,2", batch="1,32", runs=MIN_RUNS, warmup=5, samples=10**9)
+    p.add_argument("--only", default="",
+                   help="comma-separated label patterns (fnmatch) of the variants to run, e.g. "
+                   "'int8-static*,ort-*'; fp32 always runs")  # fmt: skip
+    p.set_defaults(threads="1", batch="1,32", runs=MIN_RUNS, warmup=5, samples=10**9)
     args = p.parse_args(argv)
     if args.quick:
         args.threads, args.batch, args.runs, args.warmup = "1", "1", 5, 2
@@ -125,17 +152,31 @@ def jobs_for(spec: ModelSpec, notes: list[str]) -> list[Job]:
             notes.append(f"onnxcomp pass '{name}' is not registered: skipped")
             continue
         try:
-            needs_data = registry.PASSES[name].load().needs_data
+            pass_class = registry.PASSES[name].load()
         except (ImportError, AttributeError) as e:
             notes.append(f"onnxcomp pass '{name}' is registered but does not load ({e}): skipped")
             continue
-        if needs_data and spec.calib is None:
+        if pass_class.needs_data and spec.calib is None:
             notes.append(f"{spec.name}: '{name}' needs calibration data: skipped")
-        else:
-            jobs.append(Job(name, "onnxcomp", name))
-    jobs.append(Job("ort-dynamic", "ort-dynamic"))
+            continue
+        extra = MODEL_OPTIONS.get((spec.name, name))
+        layouts = _layouts(pass_class)
+        if not layouts:
+            jobs.append(Job(name, "onnxcomp", _pipeline(name, extra)))
+        for layout in layouts:
+            pipeline = _pipeline(name, extra, f"layout={layout}")
+            jobs.append(Job(f"{name}:{layout}", "onnxcomp", pipeline))
+        if name == "int8-static":
+            # layout=auto: the host's; measure=auto: on for --target host
+            pipeline = _pipeline(name, f"search_batch={MEASURE_BATCH}")
+            jobs.append(Job(f"{name}@host", "onnxcomp", pipeline, target="host"))
+    for reduce_range in (False, True):
+        jobs.append(Job(f"ort-dynamic{'-rr' * reduce_range}", "ort-dynamic",
+                        reduce_range=reduce_range))  # fmt: skip
     if spec.calib is not None:
-        jobs.append(Job("ort-static-qdq", "ort-static"))
+        for reduce_range in (False, True):
+            jobs.append(Job(f"ort-static-qdq{'-rr' * reduce_range}", "ort-static",
+                            reduce_range=reduce_range))  # fmt: skip
     else:
         notes.append(f"{spec.name}: no calibration data: ORT quantize_static skipped")
     if _has_matmul_weights(spec.path):
@@ -143,6 +184,18 @@ def jobs_for(spec: ModelSpec, notes: list[str]) -> list[Job]:
     else:
         notes.append(f"{spec.name}: no MatMul with a constant weight: MatMulNBits skipped")
     return jobs
+
+
+def _layouts(pass_class: Any) -> list[str]:
+    """The integer layouts a pass offers (its ``layout`` option's choices but ``auto``)."""
+    hints = typing.get_type_hints(pass_class.options_class)
+    if "layout" not in hints:
+        return []
+    return [str(a) for a in typing.get_args(hints["layout"]) if a != "auto"]
+
+
+def _pipeline(name: str, *options: str | None) -> str:
+    return ":".join([name, *(o for o in options if o)])
 
 
 def _has_matmul_weights(path: Path) -> bool:
@@ -173,7 +226,8 @@ def run_quantiser(job: Job, spec: ModelSpec, out_dir: Path) -> Candidate:
     except (IndexError, ValueError):
         lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
         return Candidate(job.label, None, error=lines[-1][:300], meta=meta)
-    meta |= {k: result.get(k) for k in ("seconds", "peak_rss_bytes", "rss_after_imports_bytes")}
+    keys = ("seconds", "peak_rss_bytes", "rss_after_imports_bytes", "placement")
+    meta |= {k: result.get(k) for k in keys}
     if meta["peak_rss_bytes"] is not None and meta["rss_after_imports_bytes"] is not None:
         meta["rss_added_bytes"] = meta["peak_rss_bytes"] - meta["rss_after_imports_bytes"]
     if result.get("error"):
@@ -190,14 +244,15 @@ def worker(request_text: str) -> int:
     quantise(job, None, None, None)  # imports only
     baseline = _reset_peak_rss()
     started = time.perf_counter()
-    error = None
+    error, extra = None, None
     try:
-        quantise(job, Path(request["model"]), Path(request["output"]), request["calib"])
+        extra = quantise(job, Path(request["model"]), Path(request["output"]), request["calib"])
     except Exception as e:  # reported as the variant's error row
         error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e) else ''}"
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "peak_rss_bytes": _peak_rss(),
-                      "rss_after_imports_bytes": baseline, "error": error}))  # fmt: skip
+    result = {"seconds": seconds, "peak_rss_bytes": _peak_rss(),
+              "rss_after_imports_bytes": baseline, "error": error}  # fmt: skip
+    print(json.dumps(result | (extra or {})))
     return 0
 
 
@@ -230,13 +285,26 @@ def _proc_status(key: str) -> int | None:
 # -- the quantisers (called once with None to import, then to quantise) -------------------------
 
 
-def _onnxcomp(job: Job, model: Path | None, output: Path | None, calib: str | None) -> None:
+def _onnxcomp(
+    job: Job, model: Path | None, output: Path | None, calib: str | None
+) -> dict[str, Any] | None:
     import onnxcomp
 
     if model is None or output is None:
-        registry.get(job.pipeline or "").load()
-        return
-    onnxcomp.optimize(model, job.pipeline or "", data=calib, check="none", output=output)
+        registry.get((job.pipeline or "").split(":")[0]).load()
+        return None
+    _, report = onnxcomp.optimize(model, job.pipeline or "", data=calib, check="none",
+                                  output=output, target=job.target)  # fmt: skip
+    stats = report.records[-1].stats
+    if "measured_ratio" not in stats:
+        return None
+    decisions = stats["region_decisions"]
+    kept = sum(1 for d in decisions if d["int8"])
+    ratios = "/".join(f"{r:.2f}x" for r in stats["measured_ratio"])
+    batches = "/".join(str(b) for b in stats["measured_batches"])
+    verdict = "float" if stats["float_only"] else f"int8 {kept}/{len(decisions)} regions"
+    return {"placement": f"{verdict} ({stats.get('int8_layout') or '-'}; measured b{batches}: "
+                         f"{ratios})"}  # fmt: skip
 
 
 def _ort_dynamic(job: Job, model: Path | None, output: Path | None, calib: str | None) -> None:
@@ -244,7 +312,7 @@ def _ort_dynamic(job: Job, model: Path | None, output: Path | None, calib: str |
 
     if model is None or output is None:
         return
-    quantize_dynamic(model, output, weight_type=QuantType.QInt8)
+    quantize_dynamic(model, output, weight_type=QuantType.QInt8, reduce_range=job.reduce_range)
 
 
 def _ort_static(job: Job, model: Path | None, output: Path | None, calib: str | None) -> None:
@@ -254,7 +322,7 @@ def _ort_static(job: Job, model: Path | None, output: Path | None, calib: str | 
         return
     quantize_static(model, output, _npz_reader(calib), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8)  # fmt: skip
+                    weight_type=QuantType.QInt8, reduce_range=job.reduce_range)  # fmt: skip
 
 
 def _ort_nbits(job: Job, model: Path | None, output: Path | None, calib: str | None) -> None:
@@ -296,6 +364,9 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, out_dir: Path) -> dic
     out = console()
     notes: list[str] = []
     jobs = jobs_for(spec, notes)
+    if args.only:
+        patterns = [p.strip() for p in args.only.split(",") if p.strip()]
+        jobs = [j for j in jobs if any(fnmatch.fnmatchcase(j.label, p) for p in patterns)]
     candidates = [Candidate("fp32", spec.path, meta={"quantiser": "input model"})]
     for job in jobs:
         out.print(f"{spec.name}: {job.tool} ...", highlight=False)
@@ -306,6 +377,7 @@ def bench_model(spec: ModelSpec, args: argparse.Namespace, out_dir: Path) -> dic
 
 
 META_COLUMNS = [
+    ("placement", "measured placement", lambda v: v or ""),
     ("seconds", "quant s", lambda v: "-" if v is None else f"{v:.2f}"),
     ("peak_rss_bytes", "peak RSS", lambda v: "-" if v is None else format_bytes(v)),
     ("rss_added_bytes", "RSS added", lambda v: "-" if v is None else format_bytes(v)),
@@ -314,10 +386,28 @@ META_COLUMNS = [
 
 LEGEND = (
     "quant s, peak RSS: the quantiser in its own process (RSS added = peak minus the RSS after "
-    "imports); ort-dynamic = quantize_dynamic QInt8, ort-static-qdq = quantize_static QDQ "
-    f"per-channel MinMax on the calib split, ort-matmulnbits4 = MatMulNBits 4-bit block "
-    f"{NBITS_BLOCK} symmetric; p50 at ONNX Runtime level 'all'"
+    "imports); int8-static:LAYOUT / int8-dynamic:LAYOUT = the pass with layout=LAYOUT; "
+    "int8-static@host = --target host (layout of this CPU, placement measured here at batch 1 "
+    f"and {MEASURE_BATCH}); ort-dynamic = quantize_dynamic QInt8 per tensor, ort-static-qdq = "
+    "quantize_static QDQ QInt8/QInt8 per-channel MinMax on the calib split, -rr = with "
+    f"reduce_range (7-bit weights); ort-matmulnbits4 = MatMulNBits 4-bit block {NBITS_BLOCK} "
+    "symmetric; p50 at ONNX Runtime level 'all'"
 )
+
+
+def cpu_header() -> str:
+    """The CPU this runs on and the flags that decide int8 layouts and speed."""
+    import onnxruntime
+
+    cpu = probe_host()
+    flags = {"AVX2": "avx2" in cpu.flags, "AVX512-VNNI": "avx512_vnni" in cpu.flags,
+             "AVX-VNNI": "avx_vnni" in cpu.flags, "AMX-INT8": cpu.amx}  # fmt: skip
+    listed = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items())
+    host = resolve_target("host", cpu=cpu)
+    return (
+        f"CPU: {cpu.model} ({cpu.arch}); {listed}; --target host = {host.kind} (int8-static "
+        f"layout {host.layout.name}); onnxruntime {onnxruntime.__version__}"
+    )
 
 
 def print_report(name: str, report: dict[str, Any], detail: bool) -> None:
@@ -335,13 +425,15 @@ def print_report(name: str, report: dict[str, Any], detail: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    console().print(cpu_header(), highlight=False)
     reports = {}
     with tempfile.TemporaryDirectory(prefix="onnxcomp-quantize-") as tmp:
         for spec in model_specs(args.models):
             reports[spec.name] = bench_model(spec, args, Path(tmp))
             print_report(spec.name, reports[spec.name], args.detail)
     if args.json:
-        write_text(args.json, to_json({"kind": "onnxcomp-quantize-bench", "models": reports}))
+        write_text(args.json, to_json({"kind": "onnxcomp-quantize-bench", "cpu": cpu_header(),
+                                       "models": reports}))  # fmt: skip
         console().print(f"wrote {args.json}", highlight=False)
     return 130 if any(r["interrupted"] for r in reports.values()) else 0
 

@@ -21,6 +21,7 @@ from onnxcomp.instrument import LossBound, Tolerance
 from onnxcomp.io import check_writable, external_files, is_main_process, load, save
 from onnxcomp.passes._base import CompressionPass
 from onnxcomp.pipeline import DEFAULT_CHECK_SAMPLES, CheckMode, PipelineReport, run_pipeline
+from onnxcomp.search import auto, sensitivity
 from onnxcomp.target import Target, resolve_target
 
 __version__ = "0.1.0"
@@ -32,10 +33,12 @@ __all__ = [
     "Target",
     "Tolerance",
     "UsageError",
+    "auto",
     "load",
     "load_data",
     "optimize",
     "save",
+    "sensitivity",
 ]
 
 

@@ -657,7 +657,7 @@ class _Bench:
             key = (item.label, setting.provider)
             if key not in self.outputs:
                 try:
-                    self.outputs[key] = _run_dataset(
+                    self.outputs[key] = run_dataset(
                         session, item.data, setting.batch, self.options.samples
                     )
                 except OnnxcompError as e:
@@ -696,7 +696,7 @@ def _set_latency(cell: Cell, seconds: list[float]) -> None:
     cell.throughput = cell.batch / (cell.latency.p50 * 1e-3) if cell.latency.p50 > 0 else None
 
 
-def _run_dataset(
+def run_dataset(
     session: ort.InferenceSession, data: Dataset, batch: int, limit: int
 ) -> list[np.ndarray]:
     """Outputs over the first ``limit`` samples, concatenated; a short last batch is padded by

@@ -1,4 +1,4 @@
-"""The ``onnxcomp`` command: optimize, passes, inspect, bench, report.
+"""The ``onnxcomp`` command: optimize, passes, inspect, bench, report, sensitivity, auto.
 
 Every failure a user can cause prints one line on stderr and exits non-zero: 2 for how the
 command was called (unknown pass or option, bad path), 1 for the model or data. A traceback
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                              metavar=type_name.upper().replace(" ", "_"),
                              help=f"{help_text} (default {_option_text(default) or 'none'})")
     distill.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _add_search_commands(commands)
     return parser
 
 
@@ -166,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             print(__version__)
             return 0
         if args.command is None:
-            raise UsageError("give a command: optimize, passes, doctor, inspect, bench, report or "
-                             "distill "
+            raise UsageError("give a command: optimize, passes, doctor, inspect, bench, report, "
+                             "distill, sensitivity or auto "
                              "(see 'onnxcomp --help')")
         commands = {
             "optimize": _optimize,
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             "bench": _bench,
             "report": _report,
             "distill": _distill,
+            "sensitivity": _sensitivity,
+            "auto": _auto,
         }
         return commands[args.command](args)
     except OnnxcompError as e:
@@ -477,3 +480,166 @@ def _check_same_signature(teacher, student) -> None:
                 f"the student's {what} ({', '.join(get(student))}) are not the teacher's "
                 f"({', '.join(get(teacher))}): they must match by name"
             )
+
+
+def _add_search_commands(commands: argparse._SubParsersAction) -> None:
+    """``sensitivity`` and ``auto``: searches over pipelines (onnxcomp.search)."""
+    from onnxcomp.search import DEFAULT_TECHNIQUES, TECHNIQUES
+    from onnxcomp.search.auto import DEFAULT_TRIALS, OBJECTIVES
+    from onnxcomp.search.metrics import DEFAULT_HOLDOUT
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("model", help="input .onnx file (never modified)")
+        p.add_argument("--data", required=True, help=".npz of real inputs (+ labels): passes "
+                       "calibrate and train on it, and a held-out share scores the results")
+        p.add_argument("--eval-data", help=".npz the metric is judged on instead of a held-out "
+                       "share of --data (never seen by a pass)")
+        p.add_argument("--holdout", type=float, default=DEFAULT_HOLDOUT,
+                       help=f"share of --data held out without --eval-data "
+                       f"(default {DEFAULT_HOLDOUT:g})")
+        p.add_argument("--metric", help="top1 (needs labels; the default with them), cosine "
+                       "(the default without), or module:function taking (outputs, arrays) "
+                       "and returning a number, higher is better")
+        p.add_argument("--workers", type=int, default=1,
+                       help="processes that score layers in parallel (default 1)")
+        _add_target_argument(p)
+        p.add_argument("--json", help="write the results as JSON here")
+        p.add_argument("--plot", help="write a PNG here (needs matplotlib)")
+        p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    sensitivity = commands.add_parser(
+        "sensitivity", help="per-layer cost of each technique, or the culprits of a pipeline",
+        description="For each weight layer and technique, apply it to that layer alone and "
+        "measure the metric drop on held-out data and the bytes saved (--latency: the speed-up "
+        "too). --passes P explains P instead: the metric each layer's absence wins back.",
+    )  # fmt: skip
+    common(sensitivity)
+    sensitivity.add_argument("--techniques", default=",".join(DEFAULT_TECHNIQUES),
+                             help=f"comma-separated, from {', '.join(TECHNIQUES)} "
+                             "(default %(default)s)")  # fmt: skip
+    sensitivity.add_argument("--passes", "-p", help="a pipeline whose error to attribute to "
+                             "layers (leave-one-layer-out)")  # fmt: skip
+    sensitivity.add_argument("--latency", action="store_true",
+                             help="also time each result against the input (ORT CPU)")
+
+    auto = commands.add_parser(
+        "auto", help="search prune x quantise x distill for the smallest/fastest model within a "
+        "metric drop",
+        description="Search the registered passes and their options (per-layer precision, "
+        "pruning, low-rank, int8 activations, distillation) with Optuna for the best model "
+        "whose metric on held-out data drops at most --max-drop; write it and print the "
+        "pipeline that reproduces it. Exit 1, writing nothing, when no trial meets the bound.",
+    )  # fmt: skip
+    common(auto)
+    auto.add_argument("-o", "--output", required=True, help="output .onnx file")
+    auto.add_argument("--max-drop", type=float, default=1.0, metavar="DROP",
+                      help="largest metric drop allowed (top-1 points, cosine x100 points, or "
+                      "the custom metric's units; default 1)")
+    auto.add_argument("--objective", choices=OBJECTIVES, default="size",
+                      help="minimise file size, latency (ORT CPU, batch 1), or both (default "
+                      "size)")
+    auto.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
+                      help=f"trials in the study, all processes together (default "
+                      f"{DEFAULT_TRIALS})")
+    auto.add_argument("--time-budget", type=float, metavar="SECONDS",
+                      help="stop starting trials after this many seconds")
+    auto.add_argument("--storage", help="keep the study here: a journal file (shareable by "
+                      "processes through file locks) or a database URL (sqlite:///s.db)")
+    auto.add_argument("--resume", action="store_true",
+                      help="continue (or join) the study in --storage")
+    auto.add_argument("--study-name", help="name of the study in --storage")
+    auto.add_argument("--distill-epochs", help="epoch choices for distillation, comma-"
+                      "separated (default 0,10,30 with torch; 0 turns it off)")
+    auto.add_argument("--distill-options", default="",
+                      help="extra distill options, e.g. lr=0.003:batch_size=64")
+
+
+def _search_paths(args: argparse.Namespace, written: dict[str, str | None]) -> None:
+    from onnxcomp.io import guard_paths
+    from onnxcomp.report import check_plot_support
+
+    guard_paths({"the input model": args.model, "--data": args.data,
+                 "--eval-data": args.eval_data}, written,
+                models_written={"-o"} if "-o" in written else set())  # fmt: skip
+    if args.plot:
+        check_plot_support()
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    import onnxcomp
+    from onnxcomp.io import write_text
+    from onnxcomp.report import console as make_console
+    from onnxcomp.report import plot_sensitivity, print_sensitivity, progress_bar, to_json
+    from onnxcomp.search import parse_techniques
+
+    techniques = parse_techniques(args.techniques) if not args.passes else None
+    _search_paths(args, {"--json": args.json, "--plot": args.plot})
+    with progress_bar("measuring the input model") as progress:
+        report = onnxcomp.sensitivity(
+            args.model, args.data, eval_data=args.eval_data, holdout=args.holdout,
+            techniques=techniques, passes=args.passes, metric=args.metric, target=args.target,
+            latency=args.latency, workers=args.workers, progress=progress,
+        )  # fmt: skip
+    data = report.to_dict()
+    console = make_console()
+    print_sensitivity(data, console)
+    if args.json:
+        write_text(args.json, to_json(data))
+        console.print(f"wrote {args.json}", highlight=False)
+    if args.plot:
+        plot_sensitivity(data, args.plot)
+        console.print(f"wrote {args.plot}", highlight=False)
+    return 0
+
+
+def _auto(args: argparse.Namespace) -> int:
+    import onnxcomp
+    from onnxcomp.errors import LossBoundError
+    from onnxcomp.io import write_text
+    from onnxcomp.report import console as make_console
+    from onnxcomp.report import plot_auto, print_auto, progress_bar, to_json
+    from onnxcomp.search import fit_data_path
+
+    epochs = None
+    if args.distill_epochs is not None:
+        epochs = _int_list(args.distill_epochs, "--distill-epochs")
+    _search_paths(args, {"-o": args.output, "--json": args.json, "--plot": args.plot})
+    console = make_console()
+    error = None
+    with progress_bar("measuring the input model") as progress:
+        try:
+            result = onnxcomp.auto(
+                args.model, args.data, max_drop=args.max_drop, output=args.output,
+                objective=args.objective, eval_data=args.eval_data, holdout=args.holdout,
+                metric=args.metric, target=args.target, trials=args.trials,
+                time_budget=args.time_budget, storage=args.storage, resume=args.resume,
+                study_name=args.study_name, distill_epochs=epochs,
+                distill_options=args.distill_options, workers=args.workers, progress=progress,
+            )  # fmt: skip
+        except LossBoundError as e:
+            if not hasattr(e, "result"):
+                raise
+            result, error = e.result, e
+    data = result.to_dict()
+    print_auto(data, console)
+    if args.json:
+        write_text(args.json, to_json(data))
+        console.print(f"wrote {args.json}", highlight=False)
+    if args.plot:
+        plot_auto(data, args.plot)
+        console.print(f"wrote {args.plot}", highlight=False)
+    if error is not None:
+        _fail(str(error))
+        return error.exit_code
+    best = result.final
+    assert best is not None and result.pipeline is not None
+    fit = args.data if args.eval_data else str(fit_data_path(args.output))
+    console.print(f"best: trial {result.best.number}: drop {best.drop:.2f} "
+                  f"{result.unit or result.metric}, {best.size_ratio:.1f}x smaller "
+                  f"({best.bytes:,} bytes)", highlight=False)  # fmt: skip
+    if not args.eval_data:
+        console.print(f"wrote {fit} (the part of --data that passes saw)", highlight=False)
+    console.print(f"wrote {args.output}; reproduce it with:\n  onnxcomp optimize {args.model} "
+                  f"-p {result.pipeline} --data {fit} --target {args.target} -o {args.output} "
+                  "--allow-loss", highlight=False, soft_wrap=True)  # fmt: skip
+    return 0

@@ -21,6 +21,9 @@ from onnxcomp.errors import OnnxcompError, UsageError
 LABELS_KEY = "labels"
 DEFAULT_BATCH_DIM = 2
 DEFAULT_OTHER_DIM = 32
+# Random check inputs larger than this are refused rather than allocated: a declared dim of
+# 10^12 (a corrupt or hostile file) must not take the machine's memory.
+MAX_RANDOM_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
@@ -34,6 +37,8 @@ class Dataset:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
     description: str = ""
+    # Other arrays of the data file (targets of a custom metric), kept only on request.
+    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -41,6 +46,17 @@ class Dataset:
         a model without inputs still runs once)."""
         batched = [a for a in self.inputs.values() if np.ndim(a)]
         return len(batched[0]) if batched else 1
+
+    def take(self, indices: np.ndarray, description: str) -> Dataset:
+        """The samples at ``indices``; extras with a sample axis are cut alike, others kept."""
+        n = self.num_samples
+        return Dataset(
+            inputs=rows_of(self.inputs, indices),
+            labels=None if self.labels is None else self.labels[indices],
+            description=description,
+            extras={name: array[indices] if array.ndim and len(array) == n else array
+                    for name, array in self.extras.items()},
+        )  # fmt: skip
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of at most ``batch_size`` samples, covering the first ``limit`` samples; one
@@ -51,10 +67,10 @@ class Dataset:
             return
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
-            yield take(self.inputs, slice(start, stop))
+            yield rows_of(self.inputs, slice(start, stop))
 
 
-def take(inputs: Mapping[str, np.ndarray], rows: slice | np.ndarray) -> dict[str, np.ndarray]:
+def rows_of(inputs: Mapping[str, np.ndarray], rows: slice | np.ndarray) -> dict[str, np.ndarray]:
     """``rows`` of the sample axis of every input; a 0-d input (no sample axis) as it is."""
     return {name: array[rows] if np.ndim(array) else array for name, array in inputs.items()}
 
@@ -83,8 +99,10 @@ def graph_inputs(model: ir.Model) -> list[ir.Value]:
     return [v for v in model.graph.inputs if not v.is_initializer()]
 
 
-def load_data(path: str | os.PathLike, model: ir.Model) -> Dataset:
-    """Read an ``.npz`` data file and check it against the model's inputs."""
+def load_data(path: str | os.PathLike, model: ir.Model, *, extras: bool = False) -> Dataset:
+    """Read an ``.npz`` data file and check it against the model's inputs. With ``extras``,
+    arrays that are not graph inputs are kept in ``Dataset.extras`` (the targets a custom metric
+    reads) instead of being refused."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"no such data file: {path}")
@@ -94,7 +112,12 @@ def load_data(path: str | os.PathLike, model: ir.Model) -> Dataset:
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise OnnxcompError(f"{path} is not a readable .npz data file ({e})") from None
     labels = arrays.pop(LABELS_KEY, None)
-    dataset = Dataset(inputs=arrays, labels=labels, description=f"--data {path.name}")
+    kept = {}
+    if extras:
+        names = {v.name for v in graph_inputs(model)}
+        kept = {key: arrays.pop(key) for key in list(arrays) if key not in names}
+    dataset = Dataset(inputs=arrays, labels=labels, description=f"--data {path.name}",
+                      extras=kept)
     check_data(dataset, model, source=str(path))
     return dataset
 
@@ -193,6 +216,12 @@ def random_inputs(
                              f"the model expects {len(value.shape)}")
         chosen.append(f"{value.name}={'x'.join(map(str, shape)) or 'scalar'}")
         dtype = _numpy_dtype(value) or np.dtype(np.float32)
+        nbytes = float(np.prod([float(d) for d in shape])) * dtype.itemsize
+        if nbytes > MAX_RANDOM_BYTES:
+            raise OnnxcompError(
+                f"input '{value.name}' of shape {'x'.join(map(str, shape))} would take "
+                f"{nbytes / 2**30:.3g} GiB of random data; give --data or --shape, or --check none"
+            )
         # np.asarray: numpy's generators return scalars, not 0-d arrays, for shape ().
         inputs[value.name] = np.asarray(_random_array(value, shape, dtype, rng))
     return Dataset(inputs=inputs, description="random inputs " + ", ".join(chosen))

@@ -626,3 +626,165 @@ def emit_bench(
     if plot_path and any(c.status == "ok" for c in report.cells):
         plot_bench(data, plot_path)
         out.print(f"wrote {plot_path}", highlight=False)
+
+
+def print_sensitivity(data: dict[str, Any], console: Console) -> None:
+    """An ``onnxcomp sensitivity`` report: per layer (most sensitive first) and technique, the
+    metric drop and bytes saved (and speed-up when timed); or, for ``--passes``, each layer's
+    share of that pipeline's error."""
+    unit = data["unit"] or ""
+    console.print(f"{data['model']}: {data['metric']} {data['base_score']:.4g} on "
+                  f"{data['held_out']}; size {format_bytes(data['base_bytes'])}",
+                  highlight=False)  # fmt: skip
+    if data.get("pipeline"):
+        whole = data["pipeline_outcome"]
+        console.print(f"pipeline {escape(data['pipeline'])}: drop "
+                      f"{_drop_text(whole, unit)}", highlight=False)  # fmt: skip
+        table = Table(title="culprits: the metric won back by leaving one layer out",
+                      title_justify="left", box=box.SIMPLE_HEAD)  # fmt: skip
+        for column in ("layer", "drop without it", "recovered", "share"):
+            table.add_column(column, justify="left" if column == "layer" else "right")
+        for c in data["culprits"]:
+            if c["recovery"] is None:
+                table.add_row(escape(c["name"]), "-", "-", escape(c.get("error") or "failed"))
+                continue
+            table.add_row(escape(c["name"]), f"{c['drop_without']:.2f} {unit}",
+                          f"{c['recovery']:+.2f} {unit}", f"{c['share']:.0%}")  # fmt: skip
+        console.print(table)
+        return
+    prefix = f" (after {data['prefix']})" if data["prefix"] else ""
+    table = Table(title=f"drop in {data['metric']} when one layer alone is compressed; "
+                  f"bytes saved{prefix}; most sensitive first",
+                  title_justify="left", box=box.SIMPLE_HEAD)  # fmt: skip
+    table.add_column("layer", overflow="fold")
+    table.add_column("ops")
+    table.add_column("params", justify="right")
+    for technique in data["techniques"]:
+        table.add_column(technique, justify="right")
+    for row in data["layers"]:
+        cells = []
+        for technique in data["techniques"]:
+            outcome = row["results"].get(technique)
+            if outcome is None:
+                cells.append("[dim]n/a[/dim]")
+                continue
+            text = _drop_text(outcome, unit)
+            if outcome.get("bytes") is not None:
+                text += f"\n[dim]-{format_bytes(data['prefix_bytes'] - outcome['bytes'])}[/dim]"
+            if outcome.get("speedup"):
+                text += f"\n[dim]×{outcome['speedup']:.2f} speed[/dim]"
+            cells.append(text)
+        table.add_row(escape(row["name"]), ",".join(row["op_types"]), f"{row['params']:,}",
+                      *cells)  # fmt: skip
+    console.print(table)
+
+
+def _drop_text(outcome: dict[str, Any], unit: str) -> str:
+    if outcome.get("error"):
+        return "[red]failed[/red]"
+    if outcome.get("drop") is None:
+        return "-"
+    return f"{outcome['drop']:.2f} {unit}".strip()
+
+
+def plot_sensitivity(data: dict[str, Any], path: str) -> None:
+    """Heatmap of the metric drop, layers x techniques (culprit mode: each layer's share)."""
+    figure_class, canvas_class = _matplotlib()
+    culprit = bool(data.get("pipeline"))
+    if culprit:
+        names = [c["name"] for c in data["culprits"]]
+        columns = ["recovered"]
+        values = [[c["recovery"] if c["recovery"] is not None else math.nan]
+                  for c in data["culprits"]]  # fmt: skip
+    else:
+        names = [row["name"] for row in data["layers"]]
+        columns = data["techniques"]
+        values = [[(row["results"].get(t) or {}).get("drop", math.nan)
+                   if row["results"].get(t) is not None else math.nan for t in columns]
+                  for row in data["layers"]]  # fmt: skip
+    values = [[math.nan if v is None else v for v in row] for row in values]
+    figure = figure_class(figsize=(2.0 + 1.3 * len(columns), 1.5 + 0.4 * len(names)),
+                          layout="constrained")  # fmt: skip
+    canvas_class(figure)
+    axes = figure.subplots()
+    image = axes.imshow(values, cmap="magma_r", aspect="auto")
+    axes.set_xticks(range(len(columns)), columns, rotation=30 if len(columns) > 3 else 0)
+    axes.set_yticks(range(len(names)), names, fontsize=8)
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            axes.text(j, i, "n/a" if math.isnan(value) else f"{value:.2f}", ha="center",
+                      va="center", fontsize=7, color="tab:gray")  # fmt: skip
+    unit = data["unit"] or data["metric"]
+    figure.colorbar(image, ax=axes, label=f"drop ({unit})")
+    title = (f"leaving one layer out of {data['pipeline']}" if culprit
+             else f"{data['model']}: drop when one layer alone is compressed")  # fmt: skip
+    axes.set_title(title, fontsize=9)
+    _save_figure(figure, path)
+
+
+def print_auto(data: dict[str, Any], console: Console) -> None:
+    """An ``onnxcomp auto`` result: the Pareto front of the trials (metric against size and
+    latency), the count of trials, and the winner."""
+    unit = data["unit"] or ""
+    trials = data["trials"]
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    feasible = [t for t in trials if t["feasible"]]
+    console.print(f"{data['model']}: {data['metric']} {data['base_score']:.4g} on "
+                  f"{data['held_out']}; size {format_bytes(data['base_bytes'])}; study "
+                  f"'{data['study_name']}': {len(trials)} trials, {len(done)} completed, "
+                  f"{len(feasible)} within a drop of {data['max_drop']:g} {unit}",
+                  highlight=False)  # fmt: skip
+    pareto = set(data["pareto"])
+    best = data["best"]["number"] if data.get("best") else None
+    table = Table(title="Pareto front (metric vs size and latency; * = best within the bound)",
+                  title_justify="left", box=box.SIMPLE_HEAD)  # fmt: skip
+    for column in ("trial", "from", "drop", "size", "latency", "pipeline"):
+        table.add_column(column, justify="left" if column in ("from", "pipeline") else "right",
+                         overflow="fold")  # fmt: skip
+    shown = [t for t in trials if t["number"] in pareto or t["number"] == best]
+    for t in sorted(shown, key=lambda t: (t["outcome"]["bytes"] or 0)):
+        o = t["outcome"]
+        mark = "*" if t["number"] == best else ""
+        drop = _drop_text(o, unit) + ("" if t["feasible"] else " [red](over)[/red]")
+        size = f"{format_bytes(o['bytes'])}\n[dim]{o['size_ratio']:.1f}x smaller[/dim]"
+        speed = "-" if o["latency_ms"] is None else (
+            f"{o['latency_ms']:.3f} ms\n[dim]×{o['speedup']:.2f} speed[/dim]")  # fmt: skip
+        table.add_row(f"{t['number']}{mark}", t["source"], drop, size, speed,
+                      escape(o["pipeline"]))  # fmt: skip
+    console.print(table)
+
+
+def plot_auto(data: dict[str, Any], path: str) -> None:
+    """Every completed trial: metric drop against size and against speed-up; trials within the
+    bound in colour, the Pareto front joined, the winner circled."""
+    figure_class, canvas_class = _matplotlib()
+    done = [t for t in data["trials"] if t["state"] == "COMPLETE"]
+    figure = figure_class(figsize=(11, 4.5), layout="constrained")
+    canvas_class(figure)
+    left, right = figure.subplots(1, 2, sharey=True)
+    best = data["best"]["number"] if data.get("best") else None
+    pareto = set(data["pareto"])
+    for axes, key, label in ((left, "size_ratio", "times smaller than the input"),
+                             (right, "speedup", "speed-up over the input (ORT CPU)")):  # fmt: skip
+        for feasible, colour in ((True, "tab:green"), (False, "tab:gray")):
+            points = [(t["outcome"][key], t["outcome"]["drop"]) for t in done
+                      if t["feasible"] == feasible and t["outcome"][key] is not None]  # fmt: skip
+            if points:
+                axes.scatter(*zip(*points, strict=True), color=colour, s=18,
+                             label="within the bound" if feasible else "over the bound")
+        front = sorted((t["outcome"][key], t["outcome"]["drop"]) for t in done
+                       if t["number"] in pareto and t["outcome"][key] is not None)  # fmt: skip
+        if front:
+            axes.plot(*zip(*front, strict=True), "--", color="tab:blue", lw=1, label="Pareto")
+        for t in done:
+            if t["number"] == best and t["outcome"][key] is not None:
+                axes.scatter([t["outcome"][key]], [t["outcome"]["drop"]], s=120,
+                             facecolors="none", edgecolors="tab:red", label="best")
+        axes.axhline(data["max_drop"], color="tab:red", lw=0.8, ls=":")
+        axes.set_xlabel(label)
+        axes.grid(alpha=0.3)
+    left.set_ylabel(f"drop in {data['metric']} ({data['unit'] or 'units'})")
+    left.legend(fontsize=8)
+    left.set_title(f"{data['model']}: {len(done)} trials, objective {data['objective']}",
+                   fontsize=9)  # fmt: skip
+    _save_figure(figure, path)

@@ -8,12 +8,24 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import HealthCheck, settings
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp.instrument import LossBound
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
+# Property-based tests (tests/test_fuzz.py): "ci" by default, "thorough" from benchmarks/fuzz.py
+# (pytest --hypothesis-profile=thorough). Fixed seeds in CI so a failure reproduces.
+_FUZZ_HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, derandomize=True, suppress_health_check=_FUZZ_HEALTH
+)
+settings.register_profile(
+    "thorough", max_examples=1500, deadline=None, suppress_health_check=_FUZZ_HEALTH
+)
+settings.load_profile("ci")
+
 # For tests whose subject is not the loss bound but whose pipelines lose more than it allows.
 LOSS_ALLOWED = LossBound(allow_loss=True)
 

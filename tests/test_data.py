@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp.data import Dataset, load_data, parse_shapes, random_inputs, static_batch, take
+from onnxcomp.data import Dataset, load_data, parse_shapes, random_inputs, rows_of, static_batch
 from onnxcomp.errors import OnnxcompError, UsageError
 from tests.conftest import mlp_model
 
@@ -138,7 +138,7 @@ def test_minus_one_dims_are_dynamic():
     assert random_inputs(model).inputs["x"].shape == (2, 3)
 
 
-def test_take_keeps_scalars_whole():
-    rows = take({"x": np.arange(6).reshape(3, 2), "s": np.asarray(7)}, np.array([2, 0]))
+def test_rows_of_keeps_scalars_whole():
+    rows = rows_of({"x": np.arange(6).reshape(3, 2), "s": np.asarray(7)}, np.array([2, 0]))
     np.testing.assert_array_equal(rows["x"], [[4, 5], [0, 1]])
     assert rows["s"] == 7

@@ -240,3 +240,18 @@ def test_a_pass_missing_its_data_fails_before_any_pass_runs(mlp_path: Path):
     with pytest.raises(UsageError, match=r"^pass 'int8-static': .*--data"):
         onnxcomp.optimize(mlp_path, [Recorder(), "int8-static"])
     assert ran == []
+
+
+def test_model_with_external_data_is_checked_from_any_working_directory(tmp_path, monkeypatch):
+    """Regression: the checker resolved external data against the working directory, so every
+    model with external data failed after the first pass unless run from its own folder (seen
+    with dynamo exports, which write external data by default)."""
+    folder, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    onnx.save(mlp_model(), folder / "m.onnx", save_as_external_data=True,
+              location="m.onnx.data", size_threshold=0)  # fmt: skip
+    monkeypatch.chdir(elsewhere)
+    _, report = onnxcomp.optimize(folder / "m.onnx", "simplify", output=folder / "out.onnx")
+    assert report.records[0].modified and (folder / "out.onnx").is_file()
+    onnx.checker.check_model(str(folder / "out.onnx"), full_check=True)

@@ -7,8 +7,9 @@ promises:
 
 - **One trainable tensor per weight, keyed by its ONNX name.** Float initializers and
   ``Constant`` nodes of rank >= 1 read as weights (Conv/ConvTranspose/Gemm/MatMul operands,
-  Gather and Slice tables, Conv/Gemm biases, Batch/Layer/InstanceNormalization scales and
-  biases, PRelu slopes, and vector-shaped Add/Sub/Mul operands: biases, layer scales) become
+  Gather and Slice tables, Conv/Gemm/DeformConv biases, the scales and biases of the
+  Batch/Layer/Instance/Group/RMS normalisations, PRelu slopes, LSTM/GRU/RNN weights, biases
+  and peepholes, and vector-shaped Add/Sub/Mul operands: biases, layer scales) become
   ``nn.Parameter`` s in :attr:`OnnxModule.weights`; everything else (running statistics, shape
   constants, integer tensors, scalars) is a buffer. :attr:`OnnxModule.onnx_names` maps each
   parameter key back to its ONNX name.
@@ -24,9 +25,12 @@ promises:
   initializers (integer codes re-quantised on the same grid for quantised weights); no node,
   name or shape changes, so the pipeline checks the result like any pass's.
 
-BatchNormalization always uses its running statistics (inference semantics), in training too.
-An op without a torch implementation makes construction fail with :class:`UnsupportedOpError`,
-which lists every missing op type at once.
+BatchNormalization uses its running statistics (inference semantics), in training too, unless
+the node sets ``training_mode``. Control-flow bodies (If, Loop, Scan) are compiled into
+sub-modules; their own constants are buffers, the main graph's weights they read train. An op
+without a torch implementation (random, sequence, optional and string ops), or a value torch
+has no type for, makes construction fail with :class:`UnsupportedOpError`, which lists every
+missing op type and feature at once.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ from torch import nn
 
 from onnxcomp import quant
 from onnxcomp.distill.fake_quant import QuantGrid
-from onnxcomp.distill.ops import OPS, OpFn, expand_param
+from onnxcomp.distill.ops import OPS, TORCH_DTYPES, OpFn, expand_param
+from onnxcomp.distill.ops._common import NARROW_RANGES
 from onnxcomp.errors import UnsupportedModelError
 
 # Quantised weights with at least this share of zero codes count as pruned (masked).
@@ -62,14 +67,18 @@ PARAM_INPUTS: dict[str, tuple[int, ...]] = {
     "BatchNormalization": (1, 2),
     "LayerNormalization": (1, 2),
     "InstanceNormalization": (1, 2),
+    "GroupNormalization": (1, 2),
+    "RMSNormalization": (1,),
     "PRelu": (1,),
+    "LSTM": (1, 2, 3, 7),
+    "GRU": (1, 2, 3),
+    "RNN": (1, 2, 3),
+    "DeformConv": (1, 3),
 }
 VECTOR_OPS = frozenset({"Add", "Sub", "Mul"})  # a vector-shaped operand is a bias or a scale
 TABLE_OPS = frozenset({"Slice"})  # a rank >= 2 table sliced by position (position embeddings)
-# Outputs beyond the first that the op table does not compute.
-_EXTRA_OUTPUTS = frozenset(
-    {"MaxPool", "BatchNormalization", "LayerNormalization", "QuantizeLinear", "DequantizeLinear"}
-)
+# Graph attributes of the control-flow ops: bodies the module compiles as sub-modules.
+_BODY_ATTRS = frozenset({"then_branch", "else_branch", "body"})
 
 
 class UnsupportedOpError(UnsupportedModelError):
@@ -153,6 +162,7 @@ class OnnxModule(nn.Module):
         self._param_values: list[tuple[str, str]] = []  # (value name, parameter key)
         self._buffer_values: list[tuple[str, str]] = []  # (value name, buffer key)
         self._qdq_names: dict[str, tuple[str, str | None]] = {}  # key -> scale, zero point names
+        self.bodies = nn.ModuleList()  # control-flow bodies, compiled as sub-modules
 
         skipped_nodes: set[ir.Node] = set()
         for node, weight in quantized.items():
@@ -182,7 +192,7 @@ class OnnxModule(nn.Module):
         nodes = [
             n for n in _topological(graph) if n.op_type != "Constant" and n not in skipped_nodes
         ]
-        self._steps = _steps(nodes, names, self.opset, keep=set(self.output_names))
+        self._steps = _steps(nodes, names, self.opset, set(self.output_names), self.bodies)
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -206,6 +216,7 @@ class OnnxModule(nn.Module):
     def value_names(self) -> frozenset[str]:
         """Names of the values :meth:`values` can return."""
         produced = {name for step in self._steps for name in step.outputs if name is not None}
+        produced |= {name for name, _ in self._param_values}
         return frozenset({*produced, *self.input_names, *self.output_names})
 
     def _run(self, env: dict[str, torch.Tensor], keep: frozenset[str]) -> dict[str, torch.Tensor]:
@@ -213,21 +224,7 @@ class OnnxModule(nn.Module):
             env.setdefault(name, getattr(self.constants, key))
         for name, key in self._param_values:
             env[name] = self.effective_weight(key)
-        for step in self._steps:
-            inputs = [env[n] if n is not None else None for n in step.inputs]
-            try:
-                outputs = step.fn(inputs, step.attrs)
-            except Exception as e:
-                raise RuntimeError(f"{step.op_type} node '{step.node_name}': {e}") from e
-            if not isinstance(outputs, tuple):
-                outputs = (outputs,)
-            for name, output in zip(step.outputs, outputs, strict=False):
-                if name is not None:
-                    env[name] = output
-            for name in step.release:
-                if name not in keep:
-                    env.pop(name, None)
-        return env
+        return _execute(self._steps, env, keep)
 
     def effective_weight(self, key: str) -> torch.Tensor:
         """The value parameter ``key`` has in the forward pass: masked, then fake-quantised."""
@@ -372,17 +369,80 @@ class OnnxModule(nn.Module):
             raise TypeError(f"expected at most {len(self.input_names)} inputs, got {len(args)}")
         env: dict[str, torch.Tensor] = {}
         for name, value in zip(self.input_names, args, strict=False):
-            env[name] = torch.as_tensor(value)
+            env[name] = as_torch(value)
         for name, value in kwargs.items():
             if name not in self.input_names and name not in self._optional_inputs:
                 raise TypeError(f"unknown input '{name}' (inputs: {', '.join(self.input_names)})")
             if name in env:
                 raise TypeError(f"input '{name}' given twice")
-            env[name] = torch.as_tensor(value)
+            env[name] = as_torch(value)
         missing = [n for n in self.input_names if n not in env]
         if missing:
             raise TypeError(f"missing inputs: {', '.join(missing)}")
         return env
+
+
+class _Body(nn.Module):
+    """A control-flow body (a subgraph) compiled like the main graph. Its own constants are
+    buffers (not trained); the main graph's weights it reads arrive as captured values, so
+    those train. ``captured`` names the outer values it reads."""
+
+    def __init__(self, graph: ir.Graph, names: _ValueNames, opset: int) -> None:
+        super().__init__()
+        self.constants = nn.Module()
+        self.bodies = nn.ModuleList()
+        self._buffer_values: list[tuple[str, str]] = []
+        for index, (name, constant) in enumerate(_constants(graph, names).items()):
+            self.constants.register_buffer(f"c{index}", to_torch(constant.tensor))
+            self._buffer_values.append((name, f"c{index}"))
+        self.input_names = [names[v] for v in graph.inputs]
+        self.output_names = [names[v] for v in graph.outputs]
+        nodes = [n for n in _topological(graph) if n.op_type != "Constant"]
+        self._steps = _steps(nodes, names, opset, set(self.output_names), self.bodies)
+        known = {*self.input_names, *(name for name, _ in self._buffer_values)}
+        captured: dict[str, None] = {}
+        for step in self._steps:
+            for name in step.inputs:
+                if name is not None and name not in known:
+                    captured[name] = None
+            known.update(n for n in step.outputs if n is not None)
+        for name in self.output_names:
+            if name not in known:
+                captured[name] = None
+        self.captured = list(captured)
+
+    def run(
+        self, values: Sequence[torch.Tensor | None], captured: Mapping[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        env = dict(captured)
+        for name, key in self._buffer_values:
+            env[name] = getattr(self.constants, key)
+        for name, value in zip(self.input_names, values, strict=False):
+            if value is not None:
+                env[name] = value
+        env = _execute(self._steps, env, frozenset(self.output_names))
+        return [env[name] for name in self.output_names]
+
+
+def _execute(
+    steps: Sequence[_Step], env: dict[str, torch.Tensor], keep: frozenset[str]
+) -> dict[str, torch.Tensor]:
+    """Run ``steps`` over ``env`` (values by name), dropping values no later step reads."""
+    for step in steps:
+        inputs = [env[n] if n is not None else None for n in step.inputs]
+        try:
+            outputs = step.fn(inputs, step.attrs)
+        except Exception as e:
+            raise RuntimeError(f"{step.op_type} node '{step.node_name}': {e}") from e
+        if not isinstance(outputs, tuple):
+            outputs = (outputs,)
+        for name, output in zip(step.outputs, outputs, strict=False):
+            if name is not None:
+                env[name] = output
+        for name in step.release:
+            if name not in keep:
+                env.pop(name, None)
+    return env
 
 
 # -- tensors --------------------------------------------------------------------------------------
@@ -392,27 +452,59 @@ def to_torch(tensor: ir.TensorProtocol) -> torch.Tensor:
     """A torch copy of an ONNX tensor; 4- and 2-bit integers come unpacked in 8 bits."""
     array = np.asarray(tensor.numpy())
     dtype = tensor.dtype
-    if dtype == ir.DataType.BFLOAT16:
-        return torch.from_numpy(array.view(np.uint16).copy()).view(torch.bfloat16)
-    if dtype in (ir.DataType.INT4, ir.DataType.INT2):
-        array = array.astype(np.int8)
-    elif dtype in (ir.DataType.UINT4, ir.DataType.UINT2):
-        array = array.astype(np.uint8)
-    elif dtype.is_floating_point() and dtype not in (
-        ir.DataType.FLOAT,
-        ir.DataType.FLOAT16,
-        ir.DataType.DOUBLE,
-    ):
+    if dtype.value not in TORCH_DTYPES and dtype not in (ir.DataType.BOOL,):
         raise UnsupportedModelError(f"tensor '{tensor.name}': {dtype.name} has no torch dtype")
-    elif dtype == ir.DataType.STRING:
-        raise UnsupportedModelError(f"tensor '{tensor.name}': string tensors are not supported")
-    return torch.from_numpy(np.array(array, copy=True))
+    return as_torch(array, TORCH_DTYPES.get(dtype.value))
+
+
+_ML_DTYPES = {
+    np.dtype(ml_dtypes.bfloat16): torch.bfloat16,
+    np.dtype(ml_dtypes.float8_e4m3fn): torch.float8_e4m3fn,
+    np.dtype(ml_dtypes.float8_e4m3fnuz): torch.float8_e4m3fnuz,
+    np.dtype(ml_dtypes.float8_e5m2): torch.float8_e5m2,
+    np.dtype(ml_dtypes.float8_e5m2fnuz): torch.float8_e5m2fnuz,
+}
+_NARROW_NUMPY = {
+    np.dtype(ml_dtypes.int4): np.int8,
+    np.dtype(ml_dtypes.int2): np.int8,
+    np.dtype(ml_dtypes.uint4): np.uint8,
+    np.dtype(ml_dtypes.uint2): np.uint8,
+}
+
+
+def as_torch(value: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor from a torch tensor, a numpy array (ml_dtypes' bfloat16 and float8 included,
+    4- and 2-bit integers unpacked in 8 bits) or a number; arrays are copied."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if not isinstance(value, np.ndarray):
+        return torch.as_tensor(value)
+    if value.dtype in _ML_DTYPES:
+        bits = value.view(np.uint16 if value.dtype.itemsize == 2 else np.uint8)
+        return torch.from_numpy(np.array(bits, copy=True)).view(_ML_DTYPES[value.dtype])
+    if value.dtype in _NARROW_NUMPY:
+        value = value.astype(_NARROW_NUMPY[value.dtype])
+    tensor = torch.from_numpy(np.array(value, copy=True))
+    return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _to_numpy(t: torch.Tensor, dtype: ir.DataType) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        return t.float().numpy().astype(ml_dtypes.bfloat16)
-    return t.numpy().astype(dtype.numpy())
+    return to_numpy(t, dtype)
+
+
+def to_numpy(t: torch.Tensor, dtype: ir.DataType | None = None) -> np.ndarray:
+    """A numpy copy of ``t`` (of ONNX type ``dtype`` if given: bfloat16, float8 and sub-byte
+    integers come back as ml_dtypes arrays)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16 or t.dtype in _TORCH_TO_ML:
+        array = t.view(torch.uint16 if t.dtype == torch.bfloat16 else torch.uint8).numpy()
+        array = array.view(_TORCH_TO_ML[t.dtype])
+    else:
+        array = t.numpy()
+    return array if dtype is None else array.astype(dtype.numpy())
+
+
+_TORCH_TO_ML = {torch_dtype: np_dtype for np_dtype, torch_dtype in _ML_DTYPES.items()}
 
 
 def _expand(param: np.ndarray, shape: tuple[int, ...], grid: QuantGrid) -> np.ndarray:
@@ -457,9 +549,16 @@ class _ValueNames:
 
 
 def _check_supported(graph: ir.Graph) -> None:
+    """Every op (in control-flow bodies too) has an implementation, and every value a type
+    torch can hold; otherwise one error that lists everything missing."""
     missing: Counter = Counter()
     features: list[str] = []
-    for node in graph:
+    for value in [*graph.inputs, *graph.outputs]:
+        problem = _type_problem(value)
+        if problem:
+            features.append(f"{'input' if value.is_graph_input() else 'output'} '{value.name}': "
+                            f"{problem}")  # fmt: skip
+    for node in ir.traversal.RecursiveGraphIterator(graph):
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
         if op == "Constant":
             if not any(k in node.attributes for k in _CONSTANT_ATTRS):
@@ -468,14 +567,37 @@ def _check_supported(graph: ir.Graph) -> None:
         if op not in OPS:
             missing[op] += 1
             continue
-        if op in _EXTRA_OUTPUTS and any(_used(v) for v in node.outputs[1:]):
-            features.append(f"{op} '{node.name}': only its first output is computed")
-        if op == "BatchNormalization" and node.attributes.get_int("training_mode", 0):
-            features.append(f"BatchNormalization '{node.name}': training_mode=1")
-        if op == "AveragePool" and any(d != 1 for d in node.attributes.get_ints("dilations", ())):
-            features.append(f"AveragePool '{node.name}': dilations")
+        features += _node_problems(op, node)
     if missing or features:
         raise UnsupportedOpError(missing, features)
+
+
+def _type_problem(value: ir.Value) -> str:
+    kind = value.type
+    if isinstance(kind, (ir.SequenceType, ir.OptionalType)):
+        return "sequence and optional values are not supported"
+    dtype = value.dtype
+    if dtype is not None and dtype.value not in (*TORCH_DTYPES, 0, ir.DataType.BOOL.value):
+        return f"{dtype.name} has no torch dtype"
+    return ""
+
+
+def _node_problems(op: str, node: ir.Node) -> list[str]:
+    where = f"{op} '{node.name}'"
+    problems = []
+    if op == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        mode = node.inputs[2].const_value
+        if mode is None or bool(np.asarray(mode.numpy()).reshape(-1)[0]):
+            problems.append(f"{where}: training_mode (random) is not supported")
+    for name in ("to", "output_dtype", "dtype"):
+        code = node.attributes.get_int(name, 0) if name in node.attributes else 0
+        if code and code not in TORCH_DTYPES and code != ir.DataType.BOOL.value:
+            problems.append(f"{where}: {name}={ir.DataType(code).name} has no torch dtype")
+    for value in node.outputs:
+        if _used(value) and isinstance(value.type, (ir.SequenceType, ir.OptionalType)):
+            problems.append(f"{where}: sequence and optional values are not supported")
+            break
+    return problems
 
 
 def _used(value: ir.Value | None) -> bool:
@@ -590,35 +712,72 @@ def _topological(graph: ir.Graph) -> list[ir.Node]:
     return order
 
 
-def _steps(nodes: Sequence[ir.Node], names: _ValueNames, opset: int, keep: set[str]) -> list[_Step]:
+def _steps(
+    nodes: Sequence[ir.Node], names: _ValueNames, opset: int, keep: set[str], bodies: nn.ModuleList
+) -> list[_Step]:
+    """One step per node, control-flow bodies compiled into ``bodies``; each step releases the
+    values no later step reads."""
+    prepared = []
+    for node in nodes:
+        attrs: dict[str, Any] = {}
+        captured: dict[str, None] = {}
+        for name, attr in node.attributes.items():
+            if name in _BODY_ATTRS and attr.type == ir.AttributeType.GRAPH:
+                body = _Body(attr.value, names, opset)
+                bodies.append(body)
+                attrs[name] = body
+                captured.update(dict.fromkeys(body.captured))
+            else:
+                attrs[name] = _attr_value(attr)
+        attrs["_opset"] = opset
+        attrs["_outputs"] = len(node.outputs)
+        attrs["_arity"] = len(node.inputs)
+        attrs["_captured"] = list(captured)
+        attrs.update(_prepared_attrs(node))
+        inputs = tuple(names[v] if v is not None else None for v in node.inputs)
+        prepared.append((node, inputs + tuple(captured), attrs))
     last_use: dict[str, int] = {}
-    for index, node in enumerate(nodes):
-        for value in node.inputs:
-            if value is not None:
-                last_use[names[value]] = index
+    for index, (_, inputs, _) in enumerate(prepared):
+        for name in inputs:
+            if name is not None:
+                last_use[name] = index
     release: dict[int, list[str]] = defaultdict(list)
     for name, index in last_use.items():
         if name not in keep:
             release[index].append(name)
     steps = []
-    for index, node in enumerate(nodes):
-        attrs = {name: _attr_value(attr) for name, attr in node.attributes.items()}
-        attrs["_opset"] = opset
-        attrs["_outputs"] = len(node.outputs)
-        if node.op_type == "QuantizeLinear":
-            attrs["_qrange"] = _quantize_range(node)
+    for index, (node, inputs, attrs) in enumerate(prepared):
         steps.append(
             _Step(
                 node.name or f"{node.op_type}_{index}",
                 node.op_type,
                 OPS[node.op_type],
-                tuple(names[v] if v is not None else None for v in node.inputs),
+                inputs,
                 tuple(names[v] if _used(v) else None for v in node.outputs),
                 attrs,
                 tuple(release[index]),
             )
         )
     return steps
+
+
+def _prepared_attrs(node: ir.Node) -> dict[str, Any]:
+    """What an op needs from the graph beyond its attributes: the code type and range of
+    QuantizeLinear (and whether its codes must be integers: something other than
+    DequantizeLinear reads them), CastLike's target when torch holds it in a wider type."""
+    if node.op_type == "QuantizeLinear":
+        qtype = _quantize_type(node)
+        output = node.outputs[0]
+        codes = output.is_graph_output() or any(
+            user.op_type != "DequantizeLinear" for user, _ in output.uses()
+        )
+        return {"_qtype": qtype.value, "_qrange": (int(qtype.min), int(qtype.max)) if
+                qtype.is_integer() else (0, 0), "_codes": codes}  # fmt: skip
+    if node.op_type == "CastLike" and node.inputs[1] is not None:
+        dtype = node.inputs[1].dtype
+        if dtype is not None and dtype.value in NARROW_RANGES:
+            return {"_to": dtype.value}
+    return {}
 
 
 def _attr_value(attr: ir.Attr) -> Any:
@@ -628,11 +787,10 @@ def _attr_value(attr: ir.Attr) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _quantize_range(node: ir.Node) -> tuple[int, int]:
-    """QuantizeLinear's code range: the zero point's dtype, else ``output_dtype``, else UINT8."""
-    dtype = ir.DataType.UINT8
+def _quantize_type(node: ir.Node) -> ir.DataType:
+    """QuantizeLinear's code type: the zero point's dtype, else ``output_dtype``, else UINT8."""
     if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].dtype is not None:
-        dtype = node.inputs[2].dtype
-    elif node.attributes.get_int("output_dtype", 0):
-        dtype = ir.DataType(node.attributes.get_int("output_dtype", 0))
-    return int(dtype.min), int(dtype.max)
+        return node.inputs[2].dtype
+    if node.attributes.get_int("output_dtype", 0):
+        return ir.DataType(node.attributes.get_int("output_dtype", 0))
+    return ir.DataType.UINT8

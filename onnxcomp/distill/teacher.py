@@ -57,9 +57,7 @@ class Teacher:
             produced = {v.name: v for node in probe.graph for v in node.outputs if v.name}
             missing = [name for name in extra if name not in produced]
             if missing:
-                raise UsageError(
-                    f"match: the teacher computes no value named {', '.join(missing)}"
-                )
+                raise UsageError(f"match: the teacher computes no value named {', '.join(missing)}")
             probe.graph.outputs.extend(produced[name] for name in extra)
         self.names = [*self.output_names, *extra]
         providers = [PROVIDERS[provider]]

@@ -450,6 +450,14 @@ def _agreement(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> tuple
         return float(cos.sum()), rows
 
 
+def _fixed_width(teacher: Teacher) -> bool:
+    """Whether the model fixes the second axis of an input (an exporter's static sequence
+    length): token batches cut shorter would not run."""
+    return any(
+        len(i.shape) >= 2 and isinstance(i.shape[1], int) for i in teacher.session.get_inputs()
+    )
+
+
 def train(
     student: nn.Module,
     teacher: Teacher,
@@ -479,8 +487,11 @@ def train(
         raise OnnxcompError(f"the data lacks the student's inputs {', '.join(missing)}")
     sample = teacher.targets(data, np.arange(min(2, data.num_samples)))
     kinds = output_kinds(sample, teacher.output_names, c.output_loss)
-    trim = c.trim and not c.match and not any(
-        a.ndim >= 2 and a.shape[1] == _width(data) for a in sample.values()
+    trim = (
+        c.trim
+        and not c.match
+        and not any(a.ndim >= 2 and a.shape[1] == _width(data) for a in sample.values())
+        and not _fixed_width(teacher)
     )
     student.to(device)
     forward = StudentForward(student, input_names, teacher.output_names, c.match)
@@ -536,8 +547,7 @@ def train(
             objective = loss if penalty is None else loss + penalty
             if not torch.isfinite(objective):
                 raise OnnxcompError(
-                    f"the distillation loss became {float(objective)} at step {step + 1}; "
-                    "lower lr"
+                    f"the distillation loss became {float(objective)} at step {step + 1}; lower lr"
                 )
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
@@ -562,8 +572,10 @@ def train(
         )  # fmt: skip
         state.epoch = epoch
         state.history.append(record)
-        if metrics is None or state.best_metrics is None or (
-            metrics.score() > state.best_metrics.score()
+        if (
+            metrics is None
+            or state.best_metrics is None
+            or (metrics.score() > state.best_metrics.score())
         ):
             state.keep_best(epoch, metrics)
         if c.checkpoint and where.is_main:
@@ -613,9 +625,7 @@ class _State:
     def keep_best(self, epoch: int, metrics: Metrics | None) -> None:
         self.best_epoch = epoch
         self.best_metrics = metrics
-        self.best_state = {
-            k: v.detach().clone() for k, v in self.student.state_dict().items()
-        }
+        self.best_state = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
 
     def _shapes(self) -> dict[str, list[int]]:
         return {k: list(v.shape) for k, v in self.student.state_dict().items()}
@@ -696,4 +706,3 @@ def _metrics(data: Mapping[str, Any] | None) -> Metrics | None:
 
 def _record_dict(record: EpochRecord) -> dict[str, Any]:
     return {**dataclasses.asdict(record), "holdout": _as_dict(record.holdout)}
-

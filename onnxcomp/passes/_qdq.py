@@ -13,7 +13,10 @@ from onnxcomp.passes._weights import add_initializer
 from onnxcomp.quant import pack
 
 INTEGER_TYPES = {
-    32: ir.DataType.INT32, 8: ir.DataType.INT8, 4: ir.DataType.INT4, 2: ir.DataType.INT2
+    32: ir.DataType.INT32,
+    8: ir.DataType.INT8,
+    4: ir.DataType.INT4,
+    2: ir.DataType.INT2,
 }
 LOW_BIT_TYPES = frozenset(
     {
@@ -34,8 +37,11 @@ QUANTIZED_OPS = frozenset(
 
 
 def integer_tensor(codes: np.ndarray, bits: int, name: str) -> ir.TensorProtocol:
-    """``codes`` (signed integers) as an INT32 (biases) or INT8, or packed INT4 / INT2, tensor."""
+    """``codes`` (signed integers) as an INT32 (biases) or INT8, or packed INT4 / INT2, tensor;
+    8-bit codes already held as uint8 (unsigned layouts, zero point 128) stay UINT8."""
     dtype = INTEGER_TYPES[bits]
+    if bits == 8 and np.asarray(codes).dtype == np.uint8:
+        dtype = ir.DataType.UINT8
     if bits in (8, 32):
         return ir.tensor(np.asarray(codes, dtype=dtype.numpy()), dtype=dtype, name=name)
     return ir.PackedTensor(pack(codes, bits), dtype, shape=ir.Shape(np.shape(codes)), name=name)
@@ -96,9 +102,7 @@ def add_quantize_dequantize(
     zero_value = add_initializer(
         graph, f"{name}_zero_point", ir.tensor(np.array(zero_point, dtype=dtype.numpy()))
     )
-    quantize = ir.node(
-        "QuantizeLinear", [value, scale_value, zero_value], name=f"{name}_quantize"
-    )
+    quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value], name=f"{name}_quantize")
     quantized = quantize.outputs[0]
     quantized.name, quantized.dtype = f"{name}_quantized", dtype
     quantized.shape = value.shape

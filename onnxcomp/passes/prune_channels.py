@@ -48,6 +48,7 @@ from onnxcomp.passes._weights import lift_constant_weights, matches
 if TYPE_CHECKING:
     from onnxcomp.data import Dataset
 
+
 @dataclasses.dataclass(frozen=True)
 class ChannelPruneOptions(PassOptions):
     """Options of ``prune-channels``."""

@@ -8,9 +8,16 @@ writes the standard-ONNX form ONNX Runtime fuses into its integer kernels on CPU
 
 (``ConvInteger`` for Conv). ONNX Runtime turns it into ``DynamicQuantizeMatMul`` /
 ``MatMulIntegerToFloat`` (one DynamicQuantizeLinear per activation, shared by every consumer,
-e.g. the Q/K/V projections of a layer). Weights are int8, symmetric, one scale per output
-column (per tensor with ``per_channel=false``); activations are uint8 with a zero point, which
-is what ``DynamicQuantizeLinear`` produces. No calibration data is needed.
+e.g. the Q/K/V projections of a layer). Weights are symmetric, one scale per output column (per
+tensor with ``per_channel=false``); activations are uint8 with a zero point, which is what
+``DynamicQuantizeLinear`` produces. No calibration data is needed.
+
+The weights' integer layout follows the target (:mod:`onnxcomp.target`): 8-bit int8 weights
+(``u8s8``) where ONNX Runtime's u8·s8 kernels are exact (VNNI, AMX, ARM64); 7-bit ones
+(``u8s8-7bit``, codes in [-63, 63]) where they may add u8·s8 pairs in 16 bits and saturate
+(AVX2 without VNNI, and ``portable``, which must be right there): with full 8-bit weights the
+demo transformer's output cosine fell to 0.75 on such a CPU. ``layout=u8u8`` (uint8 weights,
+zero point 128) is the other exact form, on ONNX Runtime's slower 16-bit path.
 
 Weights in Constant nodes are lifted first; a weight shared by several consumers is stored
 once; Gather tables (embeddings), weights read by other ops and weights inside If/Loop/Scan
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -42,9 +50,13 @@ from onnxcomp.passes._weights import (
     lift_constant_weights,
     lifted_note,
 )
+from onnxcomp.target import LAYOUTS, IntegerLayout, stamp
 
 OPSET_DYNAMIC = 11  # DynamicQuantizeLinear
 DYNAMIC_OPS = ("MatMul", "Gemm", "Conv")
+# DynamicQuantizeLinear makes uint8 activations, so only these layouts exist here.
+DYNAMIC_LAYOUTS = ("auto", "u8s8", "u8s8-7bit", "u8u8")
+U8U8_ZERO_POINT = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +65,11 @@ class DynamicQuantizeOptions(PassOptions):
         ("MatMul", "Gemm"), "ops quantised: MatMul, Gemm, Conv (ConvInteger; slow on CPU)"
     )
     per_channel: bool = option(True, "one weight scale per output column (false: per tensor)")
+    layout: Literal["auto", "u8s8", "u8s8-7bit", "u8u8"] = option(
+        "auto",
+        "weight layout: auto (the target's: 7-bit weights where u8*s8 kernels can saturate, "
+        "8-bit elsewhere), u8s8, u8s8-7bit or u8u8",
+    )
     exclude: tuple[str, ...] = option((), "node or weight name patterns (fnmatch) to keep float")
     min_size: int = option(0, "keep weights with fewer elements than this in float")
     report_kernels: bool = option(
@@ -68,6 +85,11 @@ class DynamicQuantizeOptions(PassOptions):
             )
         if self.min_size < 0:
             raise UsageError("int8-dynamic: min_size must be >= 0")
+        if self.layout not in DYNAMIC_LAYOUTS:
+            raise UsageError(
+                f"int8-dynamic: layout must be one of {', '.join(DYNAMIC_LAYOUTS)}, "
+                f"not '{self.layout}'"
+            )
 
 
 class DynamicQuantizePass(CompressionPass):
@@ -96,16 +118,20 @@ class DynamicQuantizePass(CompressionPass):
                 notes.extend(upgraded)
                 weights, skipped = self._find(model)
         graph = model.graph
+        target = self.resolved_target()
+        layout = self.layout()
         activations: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
         before = after = 0
         nodes: Counter = Counter()
         for weight in weights:
             before += weight.nbytes
-            after += self._rewrite(graph, weight, activations, nodes)
+            after += self._rewrite(graph, weight, layout, activations, nodes)
             if not weight.value.uses():
                 graph.initializers.pop(weight.name)
         if weights:
             common_passes.TopologicalSortPass()(model)
+            stamp(model, target, layout)
+            notes.append(f"target {target.describe()}: {layout.name} ({layout.summary})")
         else:
             notes.append("no MatMul/Gemm weights to quantise")
         notes.extend(describe_skips(skipped))
@@ -116,11 +142,19 @@ class DynamicQuantizePass(CompressionPass):
             "weight_bytes_after": after,
             "activations_quantized": len(activations),
             "nodes_quantized": dict(nodes),
+            "int8_layout": layout.name,
+            "target": target.kind,
         }
         if weights and options.report_kernels:
             found = unfused_qdq(model)
             stats["ort_int8_kernels"] = found["ort_int8_kernels"]
         return CompressionResult(model, bool(weights) or lifted > 0, stats=stats, notes=notes)
+
+    def layout(self) -> IntegerLayout:
+        """The weight layout: the option's, or the target's for run-time quantisation."""
+        if self.options.layout != "auto":
+            return LAYOUTS[self.options.layout]
+        return self.resolved_target().dynamic_layout
 
     def _find(self, model: ir.Model) -> tuple[list[Weight], list[Skipped]]:
         options = self.options
@@ -179,6 +213,7 @@ class DynamicQuantizePass(CompressionPass):
         self,
         graph: ir.Graph,
         weight: Weight,
+        integer_layout: IntegerLayout,
         activations: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]],
         nodes: Counter,
     ) -> int:
@@ -186,16 +221,24 @@ class DynamicQuantizePass(CompressionPass):
         layout = self._layout(weight.uses[0].node)
         array = weight.array.T if layout == "transposed" else weight.array
         axis = (0 if layout == "conv" else 1) if self.options.per_channel else None
-        scale, _ = quant.linear_params(array, 8, axis=axis, symmetric=True, dtype=np.float32)
-        codes = quant.quantize(array, scale, None, 8, axis=axis)
+        limit = integer_layout.weight_max
+        scale, _ = quant.linear_params(
+            array, 8, axis=axis, symmetric=True, dtype=np.float32, limit=limit
+        )
+        codes = quant.quantize(array, scale, None, 8, axis=axis, limit=limit)
         name = weight.name
         channels = array.shape[axis] if axis is not None else 1
-        # Symmetric weights: zero points are 0. ConvInteger takes only a scalar one.
+        # Symmetric weights: zero points are 0 (int8) or 128 (uint8, the same codes shifted).
+        # ConvInteger takes only a scalar one.
         zero_shape = (channels,) if axis is not None and layout != "conv" else ()
-        q = add_initializer(graph, f"{name}_quantized", integer_tensor(codes, 8, ""))
-        w_zero = add_initializer(
-            graph, f"{name}_zero_point", ir.tensor(np.zeros(zero_shape, np.int8))
-        )
+        if integer_layout.weight == "uint8":
+            stored = (codes.astype(np.int16) + U8U8_ZERO_POINT).astype(np.uint8)
+            q = add_initializer(graph, f"{name}_quantized", ir.tensor(stored))
+            zero = np.full(zero_shape, U8U8_ZERO_POINT, np.uint8)
+        else:
+            q = add_initializer(graph, f"{name}_quantized", integer_tensor(codes, 8, ""))
+            zero = np.zeros(zero_shape, np.int8)
+        w_zero = add_initializer(graph, f"{name}_zero_point", ir.tensor(zero))
         w_scale = np.asarray(scale, dtype=np.float32)
         nbytes = q.const_value.nbytes + w_zero.const_value.nbytes + w_scale.nbytes  # type: ignore[union-attr]
         for number, use in enumerate(weight.uses):

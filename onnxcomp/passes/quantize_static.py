@@ -1,13 +1,31 @@
 """Static int8 quantisation (``int8-static``): QDQ on activations and weights, calibrated on
 ``--data``, placed so that ONNX Runtime turns it into integer kernels.
 
-Weights of Conv, Gemm and MatMul become per-output-channel symmetric int8 (narrow range) read
+Weights of Conv, Gemm and MatMul become per-output-channel symmetric codes (narrow range) read
 through DequantizeLinear; Conv and Gemm biases become int32 with scale
 ``input_scale * weight_scale``, as ONNX Runtime's QLinearConv / QGemm fusions expect.
 Activations get one QuantizeLinear -> DequantizeLinear pair per tensor, shared by all its
 consumers, with a per-tensor scale from calibration (``minmax``, ``percentile``, ``entropy`` or
-``mse``; :mod:`onnxcomp.quant.calibrate`). Signed tensors are symmetric int8 (zero point 0);
-tensors that never go negative (ReLU outputs, ...) use ``[0, max]`` with zero point -128.
+``mse``; :mod:`onnxcomp.quant.calibrate`). Signed tensors are symmetric (zero point 0, 128 in
+uint8); tensors that never go negative (ReLU outputs, ...) use ``[0, max]``.
+
+Integer layout (``layout``; ``auto`` follows the target, :mod:`onnxcomp.target`): ``u8s8``
+(uint8 activations, int8 weights), ``u8s8-7bit`` (weight codes in [-63, 63]: ONNX Runtime's
+u8·s8 kernels on AVX2 without VNNI add pairs of products in 16 bits and saturate with 8-bit
+weights; the default, for ``portable``), ``u8u8`` (weights stored uint8 with zero point 128:
+the same codes shifted, so scales and biases do not change) and ``s8s8`` (int8 activations, for
+ARM64 / GPUs). ONNX Runtime 1.32 on x86 fuses u8s8, u8s8-7bit and u8u8 completely on the demo
+models; s8s8 only in part there (Conv followed by Relu, QLinearAdd/Mul and MatMul of two
+activations stay QDQ), which is why x86 targets never get it. The layout and target go into
+the stats and the model's metadata.
+
+Measured placement (``measure``; on by default for ``--target host``): int8 kernels are not
+faster than float everywhere (AVX2 has no int8 dot product; at batch 1 the QuantizeLinear of
+a small layer can cost more than its integer kernel saves). The pass then times, in ONNX Runtime
+on this machine (:mod:`onnxcomp.passes._placement`), the model with all regions int8 against
+float at batch 1 and ``search_batch``, puts each region (a connected group of quantised nodes)
+back in float unless its int8 version is faster and not slower at either batch size, and leaves
+the whole model float if the result is still slower than float at either (with a note).
 
 Placement (why: a QDQ pair that ONNX Runtime cannot fuse costs two passes over the tensor and
 makes int8 slower than fp32):
@@ -56,11 +74,11 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from onnxcomp import quant, runtime
-from onnxcomp.bench import measure
-from onnxcomp.data import Dataset, static_batch, take
+from onnxcomp.data import Dataset, rows_of, static_batch
 from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
 from onnxcomp.passes._opset import upgrade_opset
+from onnxcomp.passes._placement import Placement, Region, Timer, choose_placement, ort_timer
 from onnxcomp.passes._qdq import (
     add_dequantized_weight,
     add_quantize_dequantize,
@@ -79,6 +97,7 @@ from onnxcomp.passes._weights import (
     matches,
 )
 from onnxcomp.quant import calibrate
+from onnxcomp.target import LAYOUTS, IntegerLayout, Target, stamp
 
 OPSET_QDQ = 13  # per-axis QuantizeLinear / DequantizeLinear
 CORE_OPS = ("Conv", "MatMul", "Gemm")
@@ -98,7 +117,6 @@ FLOAT_FUSED_ACTIVATIONS = frozenset(
 HARD_ACTIVATIONS = frozenset({"HardSwish", "HardSigmoid"})
 HARD_MODES = ("float", "int8")
 MAX_CALIBRATION_BATCH = 16
-MAX_SEARCH_RUNS = 50
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +128,11 @@ class StaticQuantizeOptions(PassOptions):
     symmetric: bool = option(
         True, "signed activations get zero point 0 (false: an asymmetric range)"
     )
-    activation_dtype: Literal["uint8", "int8"] = option(
-        "uint8",
-        "storage of activation codes: uint8 (symmetric int8 ranges with zero point 128, what "
-        "ONNX Runtime's x86 kernels take) or int8 (for ARM)",
+    layout: Literal["auto", "u8s8", "u8s8-7bit", "u8u8", "s8s8"] = option(
+        "auto",
+        "integer layout: auto (the target's: u8s8-7bit for portable and x86-avx2, u8s8 with "
+        "VNNI/AMX, s8s8 for arm64/cuda), u8s8, u8s8-7bit (weights in [-63, 63]: no 16-bit "
+        "overflow on AVX2), u8u8 (uint8 weights, zero point 128) or s8s8 (int8 activations)",
     )
     per_channel: bool = option(True, "one weight scale per output channel (false: per tensor)")
     op_types: tuple[str, ...] = option(CORE_OPS, "compute ops whose inputs are quantised")
@@ -132,13 +151,22 @@ class StaticQuantizeOptions(PassOptions):
         "float Conv, so those Convs stay float) or int8 (QLinearAdd + QLinearMul, the Convs "
         "int8 too; faster at larger batches)",
     )
+    measure: Literal["auto", "true", "false"] = option(
+        "auto",
+        "decide per region from ONNX Runtime timings on this machine (level all, one thread) "
+        "whether int8 pays, so the model is not slower than float at batch 1 and search_batch; "
+        "auto: when the target is host",
+    )
     search: bool = option(
         False,
         "time both hard_activations placements in ONNX Runtime (level all, one thread) on "
-        "search_batch samples and keep the faster (models with HardSwish/HardSigmoid)",
+        "search_batch samples and keep the faster (models with HardSwish/HardSigmoid; measure "
+        "does this too)",
     )
-    search_batch: int = option(0, "batch size the search times (0: the calibration batch)")
-    search_seconds: float = option(2.0, "time budget of the search's timing loop")
+    search_batch: int = option(0, "batch size measure/search time (0: the calibration batch)")
+    search_seconds: float = option(
+        10.0, "time budget of measure's/search's timing loops, all together"
+    )
 
     def validate(self) -> None:
         if self.method not in calibrate.METHODS:
@@ -159,6 +187,15 @@ class StaticQuantizeOptions(PassOptions):
             raise UsageError(
                 f"int8-static: hard_activations must be float or int8, not "
                 f"'{self.hard_activations}'"
+            )
+        if isinstance(self.measure, bool):  # the Python API may say measure=True
+            object.__setattr__(self, "measure", "true" if self.measure else "false")
+        if self.measure not in ("auto", "true", "false"):
+            raise UsageError(f"int8-static: measure must be auto, true or false, not "
+                             f"'{self.measure}'")  # fmt: skip
+        if self.layout != "auto" and self.layout not in LAYOUTS:
+            raise UsageError(
+                f"int8-static: unknown layout '{self.layout}' (auto, {', '.join(LAYOUTS)})"
             )
         if self.search_batch < 0 or self.search_seconds <= 0:
             raise UsageError("int8-static: search_batch must be >= 0 and search_seconds > 0")
@@ -196,6 +233,8 @@ class StaticQuantizePass(CompressionPass):
     options: StaticQuantizeOptions
     lossless = False
     needs_data = True
+    # How placements are timed (measure, search); tests hand in a deterministic one.
+    timer: Timer = staticmethod(ort_timer)
 
     def apply(self, model: ir.Model) -> CompressionResult:
         options = self.options
@@ -223,16 +262,33 @@ class StaticQuantizePass(CompressionPass):
         _name_values(model.graph)
         self._ranges: dict[str, tuple[float, float]] = {}  # by value name, shared by trials
 
+        target = self.resolved_target()
+        layout = self._layout = (
+            target.layout if options.layout == "auto" else LAYOUTS[options.layout]
+        )
+        notes.extend(_layout_notes(target, layout, options.layout == "auto"))
+
         mode = options.hard_activations
+        keep_float: frozenset[str] = frozenset()
+        hard = any(n.op_type in HARD_ACTIVATIONS for n in model.graph)
+        measured = options.measure == "true" or (
+            options.measure == "auto" and target.name == "host"
+        )
         search: dict[str, object] = {}
-        if options.search and any(n.op_type in HARD_ACTIVATIONS for n in model.graph):
-            mode, search = self._search(model)
-            timings = ", ".join(f"{k} {v} ms" for k, v in search["search_ms"].items())
-            notes.append(
-                f"search: hard_activations={mode} (ONNX Runtime, batch {search['search_batch']}, "
-                f"one thread, median of {search['search_runs']} runs: {timings})"
-            )
-        plan, skipped, stats = self._rewrite(model, mode)
+        placement = None
+        if measured or (options.search and hard):
+            started = time.perf_counter()
+            placement = self._place(model, hard, measured)
+            mode, keep_float = placement.mode, placement.keep_float
+            search, placement_notes = _placement_report(placement, hard)
+            search["search_seconds"] = round(time.perf_counter() - started, 3)
+            notes.extend(placement_notes)
+        if placement is not None and placement.float_only:
+            stats: dict[str, object] = {"weights_quantized": 0, "int8_layout": None,
+                                        "target": target.kind, **search}  # fmt: skip
+            modified = bool(lifted or upgraded or (folded and folded.modified))
+            return CompressionResult(model, modified, stats=stats, notes=notes)
+        plan, skipped, stats, _ = self._rewrite(model, mode, keep_float)
 
         notes.extend(describe_skips(skipped))
         float_ops = Counter(
@@ -250,7 +306,11 @@ class StaticQuantizePass(CompressionPass):
             )
         if any(g is not model.graph for g in model.graphs()):
             notes.append("activations inside If/Loop/Scan bodies are left in float")
+        stats["int8_layout"] = layout.name if plan.nodes else None
+        stats["target"] = target.kind
         stats.update(search)
+        if plan.nodes:
+            stamp(model, target, layout)
         if options.report_unfused and plan.nodes:
             stats.update(unfused_qdq(model))
             if stats["unfused_qdq_pairs"]:
@@ -261,17 +321,21 @@ class StaticQuantizePass(CompressionPass):
         modified = bool(plan.nodes or lifted or upgraded or (folded and folded.modified))
         return CompressionResult(model, modified, stats=stats, notes=notes)
 
-    def _rewrite(self, model: ir.Model, mode: str) -> tuple[_Plan, list[Skipped], dict]:
+    def _rewrite(
+        self, model: ir.Model, mode: str, keep_float: frozenset[str] = frozenset()
+    ) -> tuple[_Plan, list[Skipped], dict, list[Region]]:
         """Plan, calibrate and insert QDQ; ``mode`` places HardSwish/HardSigmoid (float or
-        int8). Returns the plan, the weights left in float and the stats."""
+        int8), ``keep_float`` names (by output) Conv/MatMul/Gemm nodes to leave in float.
+        Returns the plan, the weights left in float, the stats and the int8 regions."""
         options = self.options
         assert self.data is not None
         composites = _decompose_hard_activations(model.graph) if mode == "int8" else []
-        plan, skipped = self._plan(model)
+        plan, skipped = self._plan(model, keep_float)
         kept = [c for c in composites if c.planned(plan)]
         for composite in composites:
             if composite not in kept:
                 composite.restore(model.graph, plan)
+        regions = _regions(model.graph, plan)
         started = time.perf_counter()
         ranges = self._calibrate(model, plan)
         calibration_seconds = time.perf_counter() - started
@@ -302,43 +366,44 @@ class StaticQuantizePass(CompressionPass):
             "method": options.method,
             "calibration_samples": min(options.samples, self.data.num_samples),
             "calibration_seconds": round(calibration_seconds, 3),
+            "int8_regions": len(regions),
         }
-        return plan, skipped, stats
+        return plan, skipped, stats, regions
 
-    def _search(self, model: ir.Model) -> tuple[str, dict[str, object]]:
-        """Quantise a copy of ``model`` with each hard_activations mode, time the copies in ONNX
-        Runtime (level all, one thread, interleaved) on calibration samples; the faster mode
-        and what was measured."""
+    def _place(self, model: ir.Model, hard: bool, measured: bool) -> Placement:
+        """Time placements of ``model`` (a copy of it per trial) in ONNX Runtime and choose
+        one: with ``measured``, which regions stay int8 at batch 1 and ``search_batch`` against
+        float; else (``search``) only the hard_activations mode, at ``search_batch``."""
         options = self.options
         assert self.data is not None
-        started = time.perf_counter()
         feeds = next(_calibration_batches(model, self.data, options.samples, options.trim_padding))
-        batch = options.search_batch or len(next(iter(feeds.values())))
-        if static_batch(model) is None:
+        static = static_batch(model)
+        batch = static or options.search_batch or len(next(iter(feeds.values())))
+        if static is None:
             feeds = {k: np.resize(v, (batch, *v.shape[1:])) for k, v in feeds.items()}
-        sessions = {}
-        for mode in HARD_MODES:
+        sizes = [batch] if static is not None or not measured else sorted({1, batch})
+        by_batch = {b: {k: v[:b] for k, v in feeds.items()} for b in sizes}
+
+        def build(mode: str, keep_float: frozenset[str]) -> tuple[ir.Model, list[Region]]:
             trial = model.clone()
-            self._rewrite(trial, mode)
-            sessions[mode] = runtime.make_session(trial, level="all", threads=1)
-        times = measure(
-            [lambda s=s: s.run(None, feeds) for s in sessions.values()],
-            runs=MAX_SEARCH_RUNS,
-            warmup=1,
-            time_budget=options.search_seconds,
+            regions = self._rewrite(trial, mode, keep_float)[3]
+            return trial, regions
+
+        modes = HARD_MODES if hard else (options.hard_activations,)
+        return choose_placement(
+            build,
+            modes,
+            by_batch,
+            timer=self.timer,
+            seconds=options.search_seconds,
+            float_model=model if measured else None,
         )
-        medians = {mode: float(np.median(t)) for mode, t in zip(sessions, times, strict=True)}
-        best = min(medians, key=lambda m: medians[m])
-        return best, {
-            "search_batch": batch,
-            "search_ms": {m: round(t * 1e3, 3) for m, t in medians.items()},
-            "search_runs": len(times[0]),
-            "search_seconds": round(time.perf_counter() - started, 3),
-        }
 
     # -- placement -------------------------------------------------------------------------
 
-    def _plan(self, model: ir.Model) -> tuple[_Plan, list[Skipped]]:
+    def _plan(
+        self, model: ir.Model, keep_float: frozenset[str] = frozenset()
+    ) -> tuple[_Plan, list[Skipped]]:
         options = self.options
         graph = model.graph
         found, skipped = find_weights(model, ("Conv", "Gemm", "MatMul"), exclude=options.exclude)
@@ -360,6 +425,8 @@ class StaticQuantizePass(CompressionPass):
 
         def core(node: ir.Node) -> bool:
             if node.op_type not in options.op_types or excluded(node):
+                return False
+            if node.outputs[0].name in keep_float:
                 return False
             if not is_float(node.inputs[0]):
                 return False
@@ -565,13 +632,24 @@ class StaticQuantizePass(CompressionPass):
     # -- rewrite ---------------------------------------------------------------------------
 
     def _quantize_weight(self, graph: ir.Graph, weight: Weight) -> tuple[int, np.ndarray]:
-        """Per-channel symmetric int8 weight behind DequantizeLinear; (bytes, scale)."""
+        """Per-channel symmetric weight behind DequantizeLinear, in the layout's storage:
+        int8 codes in [-weight_max, weight_max] (zero point 0), or for uint8 weights the same
+        codes plus 128 (zero point 128, so the scale and the int32 bias are unchanged).
+        Returns (bytes, scale)."""
         array = weight.array
+        layout = self._layout
         axis = weight.channel_axis if self.options.per_channel else None
-        scale, _ = quant.linear_params(array, 8, axis=axis, symmetric=True, dtype=np.float32)
-        codes = quant.quantize(array, scale, None, 8, axis=axis)
-        # An explicit zero zero-point: ONNX Runtime's Gemm fusion needs it to see int8 weights.
-        zero_point = np.zeros(np.shape(scale), dtype=np.int8)
+        limit = layout.weight_max if layout.weight_max < 127 else None
+        scale, _ = quant.linear_params(
+            array, 8, axis=axis, symmetric=True, dtype=np.float32, limit=limit
+        )
+        codes = quant.quantize(array, scale, None, 8, axis=axis, limit=limit)
+        # An explicit zero point: ONNX Runtime's Gemm fusion needs it to see the weight type.
+        if layout.weight == "uint8":
+            codes = (codes.astype(np.int16) + 128).astype(np.uint8)
+            zero_point = np.full(np.shape(scale), 128, dtype=np.uint8)
+        else:
+            zero_point = np.zeros(np.shape(scale), dtype=np.int8)
         value, nbytes = add_dequantized_weight(
             graph, weight.name, codes, 8, np.asarray(scale), zero_point, axis=axis
         )
@@ -615,7 +693,7 @@ class StaticQuantizePass(CompressionPass):
     def _insert_qdq(
         self, graph: ir.Graph, plan: _Plan, params: dict[ir.Value, tuple[float, int]]
     ) -> None:
-        unsigned = self.options.activation_dtype == "uint8"
+        unsigned = self._layout.activation == "uint8"
         dtype = ir.DataType.UINT8 if unsigned else ir.DataType.INT8
         dequantized: dict[ir.Value, ir.Value] = {}
         for value, (scale, zero_point) in params.items():
@@ -660,7 +738,7 @@ def _calibration_batches(
     if static is not None or not trim:
         yield from data.batches(static or MAX_CALIBRATION_BATCH, total)
         return
-    inputs = take(data.inputs, slice(0, total))
+    inputs = rows_of(data.inputs, slice(0, total))
     masks = [n for n, a in inputs.items() if "mask" in n.lower() and a.ndim == 2
              and a.dtype.kind in "iub"]  # fmt: skip
     if not masks or _static_sequence(model, masks[0]):
@@ -674,8 +752,124 @@ def _calibration_batches(
         rows = np.array(groups[length])
         for start in range(0, len(rows), MAX_CALIBRATION_BATCH):
             chunk = rows[start : start + MAX_CALIBRATION_BATCH]
-            feeds = take(inputs, chunk)
+            feeds = rows_of(inputs, chunk)
             yield calibrate.trim_padding(feeds, tuple(masks))
+
+
+def _regions(graph: ir.Graph, plan: _Plan) -> list[Region]:
+    """Connected groups of quantised nodes that hold a Conv/MatMul/Gemm, in graph order.
+
+    Two quantised nodes are in one region when one reads the other's int8 output (also past a
+    Relu/Clip folded into it) or both read one QDQ pair: a region goes to float as a whole
+    without moving the QDQ of any other region."""
+    parent: dict[object, object] = {}
+
+    def find(item: object) -> object:
+        parent.setdefault(item, item)
+        while parent[item] is not item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return item
+
+    def union(a: object, b: object) -> None:
+        parent[find(a)] = find(b)
+
+    def carried(value: ir.Value) -> ir.Value:
+        """The value holding ``value``'s quantisation: past a sole folded Relu/Clip."""
+        uses = list(value.uses())
+        if not plan.quantized(value) and len(uses) == 1 and uses[0][0].op_type in FOLDABLE_OPS:
+            return uses[0][0].outputs[0]
+        return value
+
+    ordered = [n for n in graph if n in plan.nodes]
+    for node in ordered:
+        find(node)
+        values = [v for v in node.inputs if v is not None and v.const_value is None]
+        values += [carried(v) for v in node.outputs]
+        for value in values:
+            if plan.quantized(value):
+                union(node, value)
+    groups: dict[object, list[ir.Node]] = defaultdict(list)
+    for node in ordered:
+        groups[find(node)].append(node)
+    regions = []
+    for nodes in groups.values():
+        cores = [n for n in nodes if n.op_type in CORE_OPS]
+        if not cores:
+            continue
+        first = cores[0]
+        name = first.name or first.outputs[0].name or first.op_type
+        regions.append(
+            Region(name, frozenset(str(n.outputs[0].name) for n in cores),
+                   dict(Counter(n.op_type for n in nodes)))
+        )  # fmt: skip
+    return regions
+
+
+def _layout_notes(target: Target, layout: IntegerLayout, auto: bool) -> list[str]:
+    """Which layout and why; a warning where the chosen one overflows on the target."""
+    how = "the target's" if auto else "asked for"
+    notes = [f"int8 layout {layout.name} ({how}; target {target.describe()}): {layout.summary}"]
+    if target.saturates and layout.weight == "int8" and layout.weight_max > 63:
+        notes.append(
+            f"layout {layout.name} on target {target.kind}: ONNX Runtime's u8·s8 kernels on AVX2 "
+            "without VNNI add pairs of products in 16 bits and saturate; outputs may move a lot "
+            "there (u8s8-7bit or u8u8 do not overflow)"
+        )
+    return notes
+
+
+def _placement_report(placement: Placement, hard: bool) -> tuple[dict[str, object], list[str]]:
+    """Stats and notes for a measured placement / hard_activations search."""
+    batches = "/".join(str(b) for b in placement.batches)
+    stats: dict[str, object] = {
+        "search_batch": placement.batches[-1],
+        "search_ms": placement.mode_ms,
+    }
+    notes = []
+    if hard:
+        timings = ", ".join(f"{k} {'/'.join(map(str, v))} ms" for k, v in placement.mode_ms.items())
+        notes.append(
+            f"search: hard_activations={placement.mode} (ONNX Runtime, batch {batches}, one "
+            f"thread, medians: {timings})"
+        )
+    if not placement.final_ms:
+        return stats, notes
+    ratios = placement.ratios()
+    stats |= {
+        "measured_batches": list(placement.batches),
+        "measured_ms": placement.final_ms,
+        "measured_ratio": [round(r, 3) for r in ratios],
+        "region_decisions": placement.regions,
+        "float_only": placement.float_only,
+    }
+    for decision in placement.regions if len(placement.regions) > 1 else ():
+        verdict = "int8" if decision["int8"] else "float"
+        notes.append(
+            f"region {decision['region']}: {verdict} (model with it int8 "
+            f"{_per_batch(decision['int8_ms'])} ms, float {_per_batch(decision['float_ms'])} ms "
+            f"at batch {batches})"
+        )
+    figures = ", ".join(f"batch {b}: {r:.2f}x" for b, r in zip(placement.batches, ratios,
+                                                                  strict=True))  # fmt: skip
+    kept = sum(1 for d in placement.regions if d["int8"])
+    if placement.float_only and not kept:
+        notes.append("measured: no region's int8 version pays on this machine; left in float")
+    elif placement.float_only:
+        notes.append(
+            f"measured: int8 with {kept} of {len(placement.regions)} regions is slower than float "
+            f"on this machine (int8 / float latency {figures}); the model is left in float"
+        )
+    else:
+        notes.append(
+            f"measured: {kept} of {len(placement.regions)} int8 regions kept; int8 / float "
+            f"latency {figures} (ONNX Runtime level all, one thread)"
+        )
+    return stats, notes
+
+
+def _per_batch(times: object) -> str:
+    return "/".join(str(t) for t in times)  # type: ignore[attr-defined]
 
 
 def _static_sequence(model: ir.Model, mask_name: str) -> bool:
@@ -815,9 +1009,7 @@ def _decompose_hard_activations(graph: ir.Graph) -> list[_Composite]:
         for step, suffix in zip(nodes, ("shifted", "clipped", "gated", "product"), strict=False):
             step.outputs[0].dtype, step.outputs[0].shape = ir.DataType.FLOAT, output.shape
             step.outputs[0].name = f"{name}_{suffix}"
-        composite = _Composite(
-            node.op_type, dict(node.attributes), node.name, source, nodes
-        )
+        composite = _Composite(node.op_type, dict(node.attributes), node.name, source, nodes)
         graph.insert_before(node, nodes)
         output.replace_all_uses_with(nodes[-1].outputs[0])
         graph.remove(node, safe=True)
@@ -889,7 +1081,6 @@ def _name_values(graph: ir.Graph) -> None:
             if not value.name:
                 value.name = f"_onnxcomp_value_{index}"
                 index += 1
-
 
 
 __all__ = ["StaticQuantizeOptions", "StaticQuantizePass"]

@@ -71,8 +71,7 @@ class SimplifyPass(CompressionPass):
         stats = {
             "nodes": f"{counts_before['nodes']} -> {counts_after['nodes']}",
             "initializers": f"{counts_before['initializers']} -> {counts_after['initializers']}",
-            "constant_nodes_lifted_or_folded": counts_before["Constant"]
-            - counts_after["Constant"],
+            "constant_nodes_lifted_or_folded": counts_before["Constant"] - counts_after["Constant"],
             # onnxscript's default rules fuse BN into Conv/Gemm; say so rather than hide it.
             "batchnorms_fused": counts_before["BatchNormalization"]
             - counts_after["BatchNormalization"],

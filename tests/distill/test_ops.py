@@ -429,20 +429,16 @@ def test_activation_quantize_dequantize_round_trip():
 
 def test_unsupported_ops_listed_at_construction():
     nodes = [
-        helper.make_node("Resize", ["x", "", "sc"], ["r"], name="resize"),
-        helper.make_node("TopK", ["r", "k"], ["t", "ti"], name="topk"),
+        helper.make_node("RandomNormalLike", ["x"], ["r"], name="random"),
+        helper.make_node("Bernoulli", ["r"], ["t"], name="coin"),
         helper.make_node("FusedMatMul", ["t", "t"], ["y"], domain="com.microsoft", name="f"),
-        helper.make_node("Resize", ["y", "", "sc"], ["z"], name="resize2"),
+        helper.make_node("RandomNormalLike", ["y"], ["z"], name="random2"),
     ]
     graph = helper.make_graph(
         nodes,
         "bad",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
-        [
-            numpy_helper.from_array(np.ones(4, np.float32), "sc"),
-            numpy_helper.from_array(_i64(2), "k"),
-        ],
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
@@ -450,25 +446,45 @@ def test_unsupported_ops_listed_at_construction():
     with pytest.raises(UnsupportedOpError) as info:
         OnnxModule(ir.serde.deserialize_model(model))
     message = str(info.value)
-    assert "Resize (2)" in message and "TopK (1)" in message
+    assert "RandomNormalLike (2)" in message and "Bernoulli (1)" in message
     assert "com.microsoft::FusedMatMul (1)" in message
     assert isinstance(info.value, UnsupportedModelError)
-    assert info.value.missing == {"Resize": 2, "TopK": 1, "com.microsoft::FusedMatMul": 1}
+    assert info.value.missing == {
+        "RandomNormalLike": 2,
+        "Bernoulli": 1,
+        "com.microsoft::FusedMatMul": 1,
+    }
 
 
-def test_max_pool_indices_output_is_refused():
-    node = helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[2, 2], name="mp")
+@pytest.mark.parametrize("storage_order", [0, 1])
+def test_max_pool_indices_match_onnxruntime(storage_order):
+    """Indices count over the whole unpadded tensor (row- or column-major), as ONNX says."""
+    _check(
+        "MaxPool",
+        {"x": _randn(2, 3, 5, 6)},
+        outputs=("y", "i"),
+        out_types=(TensorProto.FLOAT, TensorProto.INT64),
+        kernel_shape=[3, 2],
+        pads=[1, 0, 1, 1],
+        strides=[2, 2],
+        storage_order=storage_order,
+    )
+
+
+def test_random_dropout_in_training_mode_is_refused():
+    node = helper.make_node("Dropout", ["x", "r", "t"], ["y"], name="drop")
     graph = helper.make_graph(
         [node],
-        "mp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        "drop",
         [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-            helper.make_tensor_value_info("i", TensorProto.INT64, None),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("t", TensorProto.BOOL, []),
         ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(0.5, np.float32), "r")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    with pytest.raises(UnsupportedOpError, match="MaxPool 'mp': only its first output"):
+    with pytest.raises(UnsupportedOpError, match="Dropout 'drop': training_mode"):
         OnnxModule(ir.serde.deserialize_model(model))
 
 
@@ -526,3 +542,11 @@ def test_constant_value_floats_bias_is_trained_and_written_back_as_a_tensor():
         run_onnx(proto, {"x": x})[0], x + np.float32([1.5, 0.0, 3.0]), atol=1e-6
     )
     assert list(model.graph.node(0).attributes) == ["value"]
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_max_roi_pool_matches_onnxruntime(scale):
+    """No backend node test covers MaxRoiPool: ONNX Runtime is the reference."""
+    rois = np.asarray([[0, 1, 1, 6, 5], [1, 0, 2, 3, 7], [0, 4.4, 0.6, 7, 7]], np.float32)
+    _check("MaxRoiPool", {"x": _randn(2, 3, 8, 8), "rois": rois}, pooled_shape=[2, 3],
+           spatial_scale=scale)  # fmt: skip

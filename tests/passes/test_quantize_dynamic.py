@@ -9,18 +9,23 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcomp
 from onnxcomp.passes import DynamicQuantizeOptions, DynamicQuantizePass
+from onnxcomp.target import METADATA_LAYOUT, METADATA_TARGET, resolve_target
 from tests.conftest import MODELS, conv_bn_residual_model, run_onnx
 
 RNG = np.random.default_rng(0)
 
 
-def _quantize(model: onnx.ModelProto | ir.Model, **options):
+def _quantize(model: onnx.ModelProto | ir.Model, target: str | None = None, **options):
     ir_model = model if isinstance(model, ir.Model) else ir.serde.deserialize_model(model)
-    result = DynamicQuantizePass(DynamicQuantizeOptions(**options))(ir_model)
+    quantize = DynamicQuantizePass(
+        DynamicQuantizeOptions(**options), target=resolve_target(target) if target else None
+    )
+    result = quantize(ir_model)
     proto = ir.serde.serialize_model(ir_model)
     onnx.checker.check_model(proto, full_check=True)
     return proto, result
@@ -122,3 +127,55 @@ def test_model_without_value_info_or_node_names_is_quantised():
     assert report.final_check[0].cosine > 0.999
     ops = [n.op_type for n in model.graph]
     assert ops.count("MatMulInteger") == 2 and "MatMul" not in ops
+
+
+def _weight_codes(model: onnx.ModelProto) -> list[np.ndarray]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMulInteger"]
+
+
+@pytest.mark.parametrize(
+    ("target", "layout", "largest"),
+    [("portable", "u8s8-7bit", 63), ("x86-avx2", "u8s8-7bit", 63), ("x86-vnni", "u8s8", 127),
+     ("x86-amx", "u8s8", 127), ("arm64", "u8s8", 127)],
+)  # fmt: skip
+def test_weight_layout_follows_the_target_and_is_recorded(target, layout, largest):
+    """7-bit weights where u8*s8 pairs could overflow 16 bits (AVX2 without VNNI, portable)."""
+    quantized, result = _quantize(_gemm_model(), target)
+    for codes in _weight_codes(quantized):
+        assert codes.dtype == np.int8 and np.abs(codes.astype(int)).max() == largest
+    assert result.stats["int8_layout"] == layout and result.stats["target"] == target
+    metadata = {p.key: p.value for p in quantized.metadata_props}
+    assert metadata[METADATA_TARGET] == target and metadata[METADATA_LAYOUT] == layout
+
+
+def test_u8u8_layout_stores_uint8_weights_around_zero_point_128():
+    original = _gemm_model()
+    quantized, result = _quantize(original, layout="u8u8")
+    assert result.stats["int8_layout"] == "u8u8" and result.stats["ort_int8_kernels"] == 3
+    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    for node in (n for n in quantized.graph.node if n.op_type == "MatMulInteger"):
+        codes, zero = inits[node.input[1]], inits[node.input[3]]
+        assert codes.dtype == np.uint8 and np.all(zero == 128)
+        assert np.abs(codes.astype(int) - 128).max() == 127
+    # u8u8 is exact on every CPU (no 16-bit pair sums), so this holds wherever it runs.
+    x = RNG.standard_normal((5, 16)).astype(np.float32)
+    for a, b in zip(run_onnx(original, {"x": x}), run_onnx(quantized, {"x": x}), strict=True):
+        assert _cosine(a, b) > 0.9995
+
+
+def test_demo_encoder_keeps_cosine_0999_with_the_layout_this_cpu_gets():
+    """The issue's bound on an AVX2-only CPU (where 8-bit weights gave 0.98): the host target
+    picks 7-bit weights there and 8-bit ones where the kernels are exact."""
+    quantized, result = _quantize(onnxcomp.load(MODELS / "tiny_encoder.onnx"), "host")
+    assert result.stats["int8_layout"] == resolve_target("host").dynamic_layout.name
+    data = np.load(MODELS / "encoder_eval.npz")
+    feeds = {k: data[k][:256] for k in ("input_ids", "attention_mask")}
+    (want,) = run_onnx(MODELS / "tiny_encoder.onnx", feeds)
+    (got,) = run_onnx(quantized, feeds)
+    assert _cosine(got, want) >= 0.999
+
+
+def test_unknown_layout_is_refused():
+    with pytest.raises(onnxcomp.UsageError, match="layout must be one of"):
+        DynamicQuantizeOptions(layout="s8s8")
