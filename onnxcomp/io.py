@@ -104,6 +104,8 @@ def save(
         raise UsageError(f"cannot write to {target_dir}: {e.strerror}") from None
     try:
         ir.save(model, tmp_dir / path.name, external_data=data_name if external_data else None)
+        # Counted here: once renamed, another writer of the same output may replace them.
+        size = sum((tmp_dir / p.name).stat().st_size for p in written)
         with _folder_lock(target_dir):
             if external_data:
                 path.unlink(missing_ok=True)
@@ -113,7 +115,7 @@ def save(
         raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return sum(p.stat().st_size for p in written)
+    return size
 
 
 def _remove_orphans(folder: Path, name: str) -> None:
