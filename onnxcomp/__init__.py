@@ -54,6 +54,7 @@ def optimize(
     check_samples: int = DEFAULT_CHECK_SAMPLES,
     target: Target | str | None = None,
     bound: LossBound = LossBound(),
+    keep_initializer_inputs: bool = False,
 ) -> tuple[ir.Model, PipelineReport]:
     """Run ``passes`` and return the compressed model and the per-pass report.
 
@@ -63,8 +64,9 @@ def optimize(
     (``portable`` by default, ``host`` probes this one; see :mod:`onnxcomp.target`). The result
     must stay within ``bound`` of the input model (top-1 drop, output cosine), else
     :class:`~onnxcomp.errors.LossBoundError` and nothing is written, unless
-    ``bound.allow_loss``. With ``output``, the result is written atomically; the input file is
-    never overwritten.
+    ``bound.allow_loss``. Initializers that an old exporter also listed as graph inputs are
+    weights (no longer inputs of the result) unless ``keep_initializer_inputs``. With
+    ``output``, the result is written atomically; the input file is never overwritten.
     """
     target = resolve_target(target)
     input_path = file_bytes_before = None
@@ -97,6 +99,7 @@ def optimize(
         check_samples=check_samples,
         target=target,
         bound=bound,
+        keep_initializer_inputs=keep_initializer_inputs,
     )
     report.input_path = str(input_path) if input_path is not None else None
     report.file_bytes_before = file_bytes_before

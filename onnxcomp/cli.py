@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "has no labels, off when it has; -1: off)")
     optimize.add_argument("--allow-loss", action="store_true",
                           help="write the result even if it is below --max-drop/--min-cosine")
+    optimize.add_argument("--keep-initializer-inputs", action="store_true",
+                          help="initializers also listed as graph inputs (old exporters) stay "
+                          "inputs a caller may override, and passes leave them alone (default: "
+                          "they are weights)")
     optimize.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     commands.add_parser("passes", help="list the passes and their options")
@@ -237,6 +241,7 @@ def _optimize(args: argparse.Namespace) -> int:
                 min_cosine=args.min_cosine,
                 allow_loss=args.allow_loss,
             ),
+            keep_initializer_inputs=args.keep_initializer_inputs,
         )
     if not is_main_process():
         return 0  # torchrun workers: rank 0 prints and writes

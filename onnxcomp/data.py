@@ -28,7 +28,11 @@ MAX_RANDOM_BYTES = 1 << 30
 
 @dataclasses.dataclass
 class Dataset:
-    """Inputs keyed by graph-input name (first axis = samples) and optional labels."""
+    """Inputs keyed by graph-input name (first axis = samples) and optional labels.
+
+    A 0-d array feeds a scalar graph input: it has no sample axis and is the same in every
+    batch.
+    """
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
@@ -38,13 +42,16 @@ class Dataset:
 
     @property
     def num_samples(self) -> int:
-        return len(next(iter(self.inputs.values()))) if self.inputs else 0
+        """Length of the sample axis; 1 when every input is a scalar (or there are none:
+        a model without inputs still runs once)."""
+        batched = [a for a in self.inputs.values() if np.ndim(a)]
+        return len(batched[0]) if batched else 1
 
     def take(self, indices: np.ndarray, description: str) -> Dataset:
         """The samples at ``indices``; extras with a sample axis are cut alike, others kept."""
         n = self.num_samples
         return Dataset(
-            inputs={name: array[indices] for name, array in self.inputs.items()},
+            inputs=rows_of(self.inputs, indices),
             labels=None if self.labels is None else self.labels[indices],
             description=description,
             extras={name: array[indices] if array.ndim and len(array) == n else array
@@ -52,19 +59,34 @@ class Dataset:
         )  # fmt: skip
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds of at most ``batch_size`` samples, covering the first ``limit`` samples."""
+        """Feeds of at most ``batch_size`` samples, covering the first ``limit`` samples; one
+        feed of the arrays as they are when the sample axis is empty (declared size 0)."""
         total = self.num_samples if limit is None else min(limit, self.num_samples)
+        if total == 0:
+            yield dict(self.inputs)
+            return
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
-            yield {name: array[start:stop] for name, array in self.inputs.items()}
+            yield rows_of(self.inputs, slice(start, stop))
+
+
+def rows_of(inputs: Mapping[str, np.ndarray], rows: slice | np.ndarray) -> dict[str, np.ndarray]:
+    """``rows`` of the sample axis of every input; a 0-d input (no sample axis) as it is."""
+    return {name: array[rows] if np.ndim(array) else array for name, array in inputs.items()}
 
 
 def static_batch(model: ir.Model) -> int | None:
     """The batch size a model fixes with a static leading input dim, or None if it is free."""
     for value in graph_inputs(model):
-        if value.shape is not None and len(value.shape) and isinstance(value.shape[0], int):
-            return max(1, value.shape[0])
+        if value.shape is not None and len(value.shape) and static_dim(value.shape[0]):
+            return value.shape[0]
     return None
+
+
+def static_dim(dim: int | ir.SymbolicDim) -> bool:
+    """Whether a declared dim fixes a size: an int >= 1. Named and unnamed dims are dynamic,
+    and so is -1 (as Paddle2ONNX writes a dynamic dim); 0 fixes nothing a batch can use."""
+    return isinstance(dim, int) and dim >= 1
 
 
 def run_batch_size(model: ir.Model, num_samples: int, cap: int = 16) -> int:
@@ -115,8 +137,14 @@ def check_data(dataset: Dataset, model: ir.Model, *, source: str = "data") -> No
             f"{source} does not match the model's inputs ({'; '.join(parts)}); "
             f"the model expects: {', '.join(expected)}"
         )
-    counts = {name: len(a) if a.ndim else 0 for name, a in dataset.inputs.items()}
-    if len(set(counts.values())) != 1 or 0 in counts.values():
+    scalars = [n for n, a in dataset.inputs.items() if not a.ndim]
+    for name in scalars:
+        shape = expected[name].shape
+        if shape is None or len(shape):
+            raise OnnxcompError(f"{source}: '{name}' is a single value (0-d), the model expects "
+                                f"{'an array' if shape is None else f'rank {len(shape)}'}")
+    counts = {name: len(a) for name, a in dataset.inputs.items() if a.ndim}
+    if len(set(counts.values())) > 1 or 0 in counts.values():
         raise OnnxcompError(
             f"{source}: arrays must share a non-empty first (sample) axis: {counts}"
         )
@@ -132,7 +160,7 @@ def check_data(dataset: Dataset, model: ir.Model, *, source: str = "data") -> No
                     f"{source}: '{name}' has rank {array.ndim}, the model expects {len(shape)}"
                 )
             for axis, (dim, got) in enumerate(zip(shape, array.shape, strict=True)):
-                if axis and isinstance(dim, int) and dim != got:
+                if axis and static_dim(dim) and dim != got:
                     raise OnnxcompError(
                         f"{source}: '{name}' has size {got} on axis {axis}, the model expects {dim}"
                     )
@@ -194,7 +222,8 @@ def random_inputs(
                 f"input '{value.name}' of shape {'x'.join(map(str, shape))} would take "
                 f"{nbytes / 2**30:.3g} GiB of random data; give --data or --shape, or --check none"
             )
-        inputs[value.name] = _random_array(value, shape, dtype, rng)
+        # np.asarray: numpy's generators return scalars, not 0-d arrays, for shape ().
+        inputs[value.name] = np.asarray(_random_array(value, shape, dtype, rng))
     return Dataset(inputs=inputs, description="random inputs " + ", ".join(chosen))
 
 
@@ -202,7 +231,8 @@ def _default_shape(value: ir.Value) -> tuple[int, ...]:
     if value.shape is None:
         return ()
     return tuple(
-        dim if isinstance(dim, int) else (DEFAULT_BATCH_DIM if axis == 0 else DEFAULT_OTHER_DIM)
+        dim if static_dim(dim) or dim == 0
+        else (DEFAULT_BATCH_DIM if axis == 0 else DEFAULT_OTHER_DIM)
         for axis, dim in enumerate(value.shape)
     )
 

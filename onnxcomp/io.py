@@ -1,24 +1,34 @@
 """Reading and writing model files: the only module that touches model paths.
 
 Promises: the input is never modified; outputs appear atomically (written into a temporary
-folder beside the target, then renamed), so a failure leaves no partial file; a write that
-would land on a file the model is still reading weights from (its own external data) is
-refused; external data is used when the input had it or the weights pass ~1.5 GB, since a
-protobuf cannot exceed 2 GB.
+folder beside the target, then renamed), so a failure or a kill leaves no partial file; a
+model with external data is two files, so its old copy is removed before the new pair is
+renamed in (a kill between the renames leaves no model, never one reading another's data),
+and concurrent writers to one folder rename under a lock (the last leaves one whole model,
+never one's model with another's data); a write that would land on a file the model is still
+reading weights from (its own external data) is refused; external data is used when the input
+had it or the weights pass ~1.5 GB, since a protobuf cannot exceed 2 GB.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from glob import escape as glob_escape
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
 from onnxcomp.errors import ModelLoadError, UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_500_000_000
 
@@ -88,19 +98,59 @@ def save(
         ir.external_data.load_to_model(model)
 
     try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=target_dir))
+        _remove_orphans(target_dir, path.name)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=target_dir))
     except OSError as e:
         raise UsageError(f"cannot write to {target_dir}: {e.strerror}") from None
     try:
         ir.save(model, tmp_dir / path.name, external_data=data_name if external_data else None)
-        if external_data:
-            os.replace(tmp_dir / data_name, target_dir / data_name)
-        os.replace(tmp_dir / path.name, path)
+        # Counted here: once renamed, another writer of the same output may replace them.
+        size = sum((tmp_dir / p.name).stat().st_size for p in written)
+        with _folder_lock(target_dir):
+            if external_data:
+                path.unlink(missing_ok=True)
+                os.replace(tmp_dir / data_name, target_dir / data_name)
+            os.replace(tmp_dir / path.name, path)
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    return sum(p.stat().st_size for p in written)
+    return size
+
+
+def _remove_orphans(folder: Path, name: str) -> None:
+    """Remove temporary folders an earlier write of ``name`` left when it was killed: those
+    whose process (named in the folder name) is gone. A live writer's folder stays."""
+    for tmp in folder.glob(f".{glob_escape(name)}.*.*"):
+        pid, _, suffix = tmp.name[len(name) + 2 :].partition(".")
+        # ".NAME.PID.RANDOM", RANDOM without dots: not another output's ".NAME.x.PID.RANDOM".
+        if tmp.is_dir() and pid.isdigit() and "." not in suffix and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on ``folder`` for the renames of one save: concurrent onnxcomp
+    writers to one folder rename one at a time. The kernel drops it if the process dies."""
+    if fcntl is None:  # not POSIX: renames are still atomic one by one
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def guard_paths(

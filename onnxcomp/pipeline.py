@@ -35,6 +35,7 @@ from onnxcomp.instrument import (
     check_model,
     min_cosine,
 )
+from onnxcomp.layout import normalize_layout
 from onnxcomp.passes._base import CompressionPass, CompressionResult
 from onnxcomp.target import Target, resolve_target
 
@@ -133,6 +134,8 @@ class PipelineReport:
     output_path: str | None = None
     file_bytes_before: int | None = None
     file_bytes_after: int | None = None
+    # What was done to the model before the first pass (legacy layouts, see onnxcomp.layout).
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def after(self) -> Snapshot:
@@ -166,11 +169,15 @@ def run_pipeline(
     level: str = "basic",
     target: Target | str | None = None,
     bound: LossBound = LossBound(),
+    keep_initializer_inputs: bool = False,
 ) -> PipelineReport:
     """Run ``passes`` on ``model`` in place and return the ledger; raises on any failed pass
-    and on a result below ``bound`` (unless ``bound.allow_loss``)."""
+    and on a result below ``bound`` (unless ``bound.allow_loss``). Initializers listed as graph
+    inputs become plain weights first unless ``keep_initializer_inputs``
+    (:func:`~onnxcomp.layout.normalize_layout`; the report's ``notes`` say so)."""
     if check_samples < 1:
         raise UsageError(f"check_samples must be >= 1, not {check_samples}")
+    layout_notes = normalize_layout(model, keep_initializer_inputs=keep_initializer_inputs)
     resolved = resolve_target(target)
     steps = build_passes(passes, data=data, target=resolved)
     if any(p.needs_teacher and p.teacher is None for _, p in steps):
@@ -262,6 +269,7 @@ def run_pipeline(
         tolerance,
         accuracy_before=reference.accuracy if reference is not None else None,
         target=resolved.describe(),
+        notes=layout_notes,
     )
     if reference is not None:
         report.guard = judge(report, bound)

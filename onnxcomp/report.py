@@ -126,6 +126,8 @@ def print_pipeline(report: PipelineReport, console: Console) -> None:
                 f"[bold red]loss bound ({escape(guard['bound'])}): NOT met[/bold red], written "
                 f"anyway (--allow-loss): {escape(guard['message'].split('; nothing written')[0])}"
             )
+    for note in report.notes:
+        console.print(f"note (layout): {note}", highlight=False)
     for record in report.records:
         for note in record.notes:
             console.print(f"note ({record.name}): {note}", highlight=False)

@@ -21,6 +21,10 @@ from onnxcomp.io import has_external_tensors, weight_bytes
 # Serialising past this needs external data (protobuf's 2 GB limit, with headroom).
 _INLINE_LIMIT_BYTES = 1_800_000_000
 
+# ONNX Runtime logs a failing kernel on stderr at ERROR level, beside the exception that says
+# the same; the exception becomes onnxcomp's one-line error, so only FATAL is logged.
+LOG_SEVERITY = 4
+
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -39,7 +43,7 @@ def make_session(
     """An InferenceSession for ``model``; a one-line OnnxcompError if ONNX Runtime rejects it."""
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
-    options.log_severity_level = 3
+    options.log_severity_level = LOG_SEVERITY
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -117,7 +121,7 @@ def optimized_model(model: ir.Model, *, level: str = "extended") -> ir.Model:
     with tempfile.TemporaryDirectory(prefix="onnxcomp-ort-") as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = LEVELS[level]
-        options.log_severity_level = 3
+        options.log_severity_level = LOG_SEVERITY
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         try:
             if weight_bytes(model) < _INLINE_LIMIT_BYTES and not has_external_tensors(model):

@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp.data import load_data, parse_shapes, random_inputs
+from onnxcomp.data import Dataset, load_data, parse_shapes, random_inputs, rows_of, static_batch
 from onnxcomp.errors import OnnxcompError, UsageError
 from tests.conftest import mlp_model
 
@@ -82,3 +82,63 @@ def test_parse_shapes():
 
 def test_onnx_helper_model_roundtrip_is_valid():
     onnx.checker.check_model(mlp_model(), full_check=True)
+
+
+def _scalar_model(batch_dim: int | str = "N") -> ir.Model:
+    """y = x * scale, ``scale`` a 0-d input."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "scale"], ["y"])],
+        "scaled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch_dim, 3]),
+         helper.make_tensor_value_info("scale", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch_dim, 3])],
+    )  # fmt: skip
+    return ir.serde.deserialize_model(helper.make_model(graph))
+
+
+def test_scalar_inputs_are_the_same_in_every_batch():
+    dataset = Dataset({"scale": np.asarray(np.float32(2)), "x": np.ones((5, 3), np.float32)})
+    assert dataset.num_samples == 5
+    batches = list(dataset.batches(2))
+    assert [b["x"].shape for b in batches] == [(2, 3), (2, 3), (1, 3)]
+    assert all(b["scale"].shape == () and b["scale"] == 2 for b in batches)
+
+
+def test_only_scalar_inputs_make_one_sample():
+    dataset = Dataset({"a": np.asarray(1.0), "b": np.asarray(2.0)})
+    assert dataset.num_samples == 1
+    assert len(list(dataset.batches(16))) == 1
+
+
+def test_random_scalar_inputs_are_0d_arrays():
+    """numpy's generators return Python/NumPy scalars for shape (); ONNX Runtime wants arrays."""
+    data = random_inputs(_scalar_model())
+    assert isinstance(data.inputs["scale"], np.ndarray) and data.inputs["scale"].shape == ()
+    assert "scale=scalar" in data.description
+
+
+def test_data_file_may_hold_a_scalar_for_a_scalar_input(tmp_path: Path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.ones((4, 3), np.float32), scale=np.float32(3))
+    dataset = load_data(path, _scalar_model())
+    assert dataset.num_samples == 4 and dataset.inputs["scale"].shape == ()
+
+
+def test_data_file_scalar_for_an_array_input_is_refused(tmp_path: Path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.float32(1), scale=np.float32(3))
+    with pytest.raises(OnnxcompError, match=r"'x' is a single value \(0-d\), the model expects"):
+        load_data(path, _scalar_model())
+
+
+def test_minus_one_dims_are_dynamic():
+    """Paddle2ONNX writes dynamic dims as dim_value -1 (regression: 'negative dimensions')."""
+    model = _scalar_model(batch_dim=-1)
+    assert static_batch(model) is None
+    assert random_inputs(model).inputs["x"].shape == (2, 3)
+
+
+def test_rows_of_keeps_scalars_whole():
+    rows = rows_of({"x": np.arange(6).reshape(3, 2), "s": np.asarray(7)}, np.array([2, 0]))
+    np.testing.assert_array_equal(rows["x"], [[4, 5], [0, 1]])
+    assert rows["s"] == 7

@@ -92,3 +92,17 @@ def _saved(tmp_path: Path) -> Path:
     path = tmp_path / "m.onnx"
     onnx.save(conv_bn_residual_model(), path)
     return path
+
+
+def test_external_data_in_a_subfolder_passes_the_check_from_any_folder(tmp_path: Path):
+    """Regression: onnx.checker looked for small external tensors relative to the working
+    directory, so every pass on a model with external data failed its check."""
+    (tmp_path / "weights").mkdir()
+    source = tmp_path / "m.onnx"
+    _save_external(conv_bn_residual_model(), source, "weights/m.bin")
+    out = tmp_path / "out.onnx"
+    _, report = onnxcomp.optimize(source, "strip", output=out)
+    assert report.records[0].check is not None
+    assert (tmp_path / "out.onnx.data").is_file()
+    x = np.ones((2, 1, 4, 4), np.float32)
+    np.testing.assert_array_equal(run_onnx(out, {"x": x})[0], run_onnx(source, {"x": x})[0])

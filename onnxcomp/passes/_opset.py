@@ -11,6 +11,8 @@ cannot upgrade the model: never a silent no-op.
 
 from __future__ import annotations
 
+import contextlib
+
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
@@ -50,6 +52,11 @@ def upgrade_opset(model: ir.Model, target: int, *, why: str) -> list[str]:
             f"cannot upgrade the model from opset {current} to {target}, which {why} needs: "
             f"onnx's version converter says: {_reason(e)}"
         ) from None
+    # The converter keeps intermediate value types it made stale (Dropout's mask is float
+    # before opset 10 and bool after); ONNX Runtime rejects the model over them. Infer anew.
+    del converted.graph.value_info[:]
+    with contextlib.suppress(Exception):  # else types stay unknown; ONNX Runtime infers them
+        converted = onnx.shape_inference.infer_shapes(converted)
     new_graph = ir.serde.deserialize_model(converted).graph
     for name, value in new_graph.initializers.items():
         old = model.graph.initializers.get(name)

@@ -159,20 +159,91 @@ def _dequantized_constant(value: ir.Value) -> bool:
 
 
 def lift_constant_weights(model: ir.Model) -> int:
-    """Turn tensors held in Constant nodes of the main graph into initializers, so
-    :func:`find_weights` sees them as weights; returns how many were lifted."""
+    """Turn tensors held in Constant nodes of the main graph into initializers, and fold
+    reshaped, transposed or unsqueezed float initializers into initializers of their own (see
+    :func:`fold_weight_views`), so :func:`find_weights` sees them as weights; returns how
+    many tensors were lifted or folded."""
+    lifted = 0
     before = sum(1 for n in model.graph if n.op_type == "Constant")
-    if not before:
-        return 0
-    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    return before - sum(1 for n in model.graph if n.op_type == "Constant")
+    if before:
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(
+            model
+        )
+        lifted = before - sum(1 for n in model.graph if n.op_type == "Constant")
+    return lifted + fold_weight_views(model)
 
 
 def lifted_note(count: int) -> list[str]:
     """The report note for :func:`lift_constant_weights` having lifted ``count`` tensors."""
     if not count:
         return []
-    return [f"lifted {count} Constant nodes to initializers (weights may sit there)"]
+    return [f"lifted {count} Constant nodes or reshaped/transposed weights to initializers "
+            "(weights may sit there)"]  # fmt: skip
+
+
+# Ops that only rearrange their input: applied to a weight, the result is a weight.
+VIEW_OPS = ("Reshape", "Unsqueeze", "Squeeze", "Transpose", "Flatten")
+
+
+def fold_weight_views(model: ir.Model) -> int:
+    """Replace each view op (:data:`VIEW_OPS`) of a float initializer in the main graph, with
+    constant parameters, by an initializer holding the result; returns how many.
+
+    Caffe2-era zoo models reshape a classifier weight before its Gemm and Unsqueeze per-channel
+    scales before a Mul; onnxscript's folding leaves such nodes alone above its size limit,
+    and a pass looking for initializers would not find the weight behind them."""
+    folded = 0
+    for node in list(model.graph):
+        if node.op_type not in VIEW_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        if (source is None or source.const_value is None or not source.is_initializer()
+                or source.is_graph_input() or out.is_graph_output()
+                or not source.const_value.dtype.is_floating_point()
+                or any(v is not None and v.const_value is None for v in node.inputs[1:])):
+            continue  # fmt: skip
+        array = _view(node, source.const_value.numpy())
+        if array is None:
+            continue
+        tensor = ir.Tensor(np.ascontiguousarray(array), dtype=source.const_value.dtype)
+        value = add_initializer(model.graph, f"{source.name}_{node.op_type.lower()}", tensor)
+        ir.convenience.replace_all_uses_with(out, value)
+        model.graph.remove(node, safe=True)
+        folded += 1
+    return folded
+
+
+def _view(node: ir.Node, array: np.ndarray) -> np.ndarray | None:
+    """``node`` applied to ``array`` (None when its parameters are not understood)."""
+    params = [v.const_value.numpy() if v is not None else None for v in node.inputs[1:]]
+    op = node.op_type
+    try:
+        if op == "Reshape":
+            shape = [int(d) for d in params[0]]
+            if not node.attributes.get_int("allowzero", 0):
+                shape = [array.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+            return array.reshape(shape)
+        if op == "Transpose":
+            perm = node.attributes.get_ints("perm", None)
+            return np.transpose(array, perm)
+        if op == "Flatten":
+            axis = node.attributes.get_int("axis", 1) % (array.ndim + 1) if array.ndim else 0
+            return array.reshape(int(np.prod(array.shape[:axis])), -1)
+        axes_input = params[0] if params and params[0] is not None else None
+        axes = [int(a) for a in axes_input] if axes_input is not None else (
+            node.attributes.get_ints("axes", None))  # fmt: skip
+        if op == "Unsqueeze":
+            rank = array.ndim + len(axes)
+            for axis in sorted(a % rank for a in axes):
+                array = np.expand_dims(array, axis)
+            return array
+        if op == "Squeeze":
+            if axes is None:
+                return np.squeeze(array)
+            return np.squeeze(array, axis=tuple(a % array.ndim for a in axes))
+    except (ValueError, TypeError, IndexError):
+        return None
+    return None
 
 
 def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import onnx_ir as ir
 
-from onnxcomp.data import Dataset, graph_inputs
-from onnxcomp.errors import OnnxcompError, UsageError
+from onnxcomp.data import Dataset, graph_inputs, static_batch
+from onnxcomp.errors import OnnxcompError, UnsupportedModelError, UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
 
 if TYPE_CHECKING:
@@ -224,6 +224,19 @@ def check_inputs(teacher: ir.Model, student: ir.Model, data: Dataset) -> None:
                 f"--data has no {', '.join(missing)}, which the {who} needs "
                 f"(data: {', '.join(data.inputs) or 'nothing'}; {who} inputs: {', '.join(names)})"
             )
+    batch = static_batch(teacher)
+    if batch is not None:
+        # Training batches (and the holdout) are of any size; a fixed batch dim rejects them.
+        raise UnsupportedModelError(
+            f"distillation feeds batches of any size, but the model fixes its batch dim at "
+            f"{batch}; export it with a dynamic batch dim"
+        )
+    scalars = [name for name, array in data.inputs.items() if not array.ndim]
+    if scalars:
+        # Training shuffles and splits samples along the first axis, which a 0-d input lacks.
+        raise UnsupportedModelError(
+            f"distillation needs a sample axis on every input; {', '.join(scalars)} is 0-d"
+        )
 
 
 def train_stats(

@@ -23,9 +23,8 @@ from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_gemm_rule,
 )
 
-from onnxcomp.errors import UnsupportedModelError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions
-from onnxcomp.passes._opset import onnx_opset
+from onnxcomp.passes._opset import onnx_opset, upgrade_opset
 from onnxcomp.passes._weights import lift_constant_weights
 from onnxcomp.passes.simplify import folding_hazard
 
@@ -45,22 +44,17 @@ class FoldBatchNormPass(CompressionPass):
     summary = "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul weights"
     options_class = FoldBatchNormOptions
     lossless = True
-    # Only a model that has BatchNormalization nodes needs opset >= BN_MIN_OPSET (requires).
+    # Only a model that has BatchNormalization nodes needs opset >= BN_MIN_OPSET; apply
+    # upgrades an older one (the converter refuses a `spatial=0` BN it cannot express).
     min_opset = 0
-
-    def requires(self, model: ir.Model) -> None:
-        super().requires(model)
-        opset = onnx_opset(model)
-        if opset < BN_MIN_OPSET and _batchnorms(model):
-            raise UnsupportedModelError(
-                f"{type(self).__name__} needs opset >= {BN_MIN_OPSET} to fold "
-                f"BatchNormalization, the model has opset {opset}; upgrade it first "
-                "(e.g. onnx.version_converter)"
-            )
 
     def apply(self, model: ir.Model) -> CompressionResult:
         before = _batchnorms(model)
+        notes = []
         if before:
+            if onnx_opset(model) < BN_MIN_OPSET:
+                notes += upgrade_opset(model, BN_MIN_OPSET, why="folding BatchNormalization")
+                before = _batchnorms(model)
             # The fusion rules need constant initializers: exporters hold weights in Constant
             # nodes, or build a bias-less Conv's zero bias from Shape/Expand; fold those first
             # (unless folding is known to break this model, see simplify.folding_hazard).
@@ -70,9 +64,10 @@ class FoldBatchNormPass(CompressionPass):
         folded = _RULES.apply_to_model(model) if before else 0
         common_passes.RemoveUnusedNodesPass()(model)
         left = _batchnorms(model)
-        notes = [f"kept BatchNormalization '{node.name}': {_why_kept(node)}" for node in left]
+        notes += [f"kept BatchNormalization '{node.name}': {_why_kept(node)}" for node in left]
         stats = {"batchnorms_folded": folded, "batchnorms_left": len(left)}
-        return CompressionResult(model, folded > 0, stats=stats, notes=notes)
+        upgraded = len(notes) > len(left)
+        return CompressionResult(model, folded > 0 or upgraded, stats=stats, notes=notes)
 
 
 def _batchnorms(model: ir.Model) -> list[ir.Node]:
@@ -84,6 +79,8 @@ def _why_kept(node: ir.Node) -> str:
         return "training-mode outputs (running mean/var) are used"
     if any(v is None or v.const_value is None for v in node.inputs[1:5]):
         return "scale/bias/mean/var are not constants"
+    if any(v.is_graph_input() for v in node.inputs[1:5]):
+        return "scale/bias/mean/var are graph inputs, which a caller may override"
     producer = node.inputs[0].producer() if node.inputs[0] is not None else None
     if producer is None:
         return "its input is a graph input, not a linear op"
@@ -94,6 +91,8 @@ def _why_kept(node: ir.Node) -> str:
     weights = [v for v in producer.inputs[1:] if v is not None]
     if any(v.const_value is None for v in weights):
         return f"the {producer.op_type} weights are not constant"
+    if any(v.is_graph_input() for v in weights):
+        return f"the {producer.op_type} weights are graph inputs, which a caller may override"
     if any(len(v.uses()) > 1 for v in weights):
         return f"the {producer.op_type} weights are shared with another node"
     if producer.op_type in {"MatMul", "Add"}:

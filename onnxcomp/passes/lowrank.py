@@ -193,7 +193,12 @@ def _replace_use(graph: ir.Graph, node: ir.Node, left: ir.Value, right: ir.Value
         inner, outer = (right, left) if trans_b else (left, right)
         kept = {k: v for k, v in attrs.items() if k not in ("transA", "transB")}
         transposes = {"transA": node.attributes.get_int("transA", 0), "transB": trans_b}
-        first = ir.node("Gemm", [inputs[0], inner], transposes)
+        first_inputs = [inputs[0], inner]
+        if graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 0)) < 11:
+            # Gemm's C is required before opset 11: a zero that broadcasts.
+            zero = np.zeros(1, dtype=inner.const_value.numpy().dtype)
+            first_inputs.append(add_initializer(graph, f"{name}_lowrank_zero", ir.tensor(zero)))
+        first = ir.node("Gemm", first_inputs, transposes)
         second = ir.node(
             "Gemm", [first.outputs[0], outer, *inputs[2:]], {**kept, "transB": trans_b}
         )

@@ -74,7 +74,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from onnxcomp import quant, runtime
-from onnxcomp.data import Dataset, static_batch
+from onnxcomp.data import Dataset, rows_of, static_batch
 from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
 from onnxcomp.passes._opset import upgrade_opset
@@ -738,7 +738,7 @@ def _calibration_batches(
     if static is not None or not trim:
         yield from data.batches(static or MAX_CALIBRATION_BATCH, total)
         return
-    inputs = {name: array[:total] for name, array in data.inputs.items()}
+    inputs = rows_of(data.inputs, slice(0, total))
     masks = [n for n, a in inputs.items() if "mask" in n.lower() and a.ndim == 2
              and a.dtype.kind in "iub"]  # fmt: skip
     if not masks or _static_sequence(model, masks[0]):
@@ -752,7 +752,7 @@ def _calibration_batches(
         rows = np.array(groups[length])
         for start in range(0, len(rows), MAX_CALIBRATION_BATCH):
             chunk = rows[start : start + MAX_CALIBRATION_BATCH]
-            feeds = {name: array[chunk] for name, array in inputs.items()}
+            feeds = rows_of(inputs, chunk)
             yield calibrate.trim_padding(feeds, tuple(masks))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
+import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
 from onnx_ir.passes import common as common_passes
@@ -63,6 +64,7 @@ class SimplifyPass(CompressionPass):
             )
         else:
             lift_constant_weights(model)
+        _make_contiguous(model)
         common_passes.DeduplicateHashedInitializersPass()(model)
         common_passes.RemoveUnusedNodesPass()(model)
         counts_after = _counts(model)
@@ -105,6 +107,19 @@ def folding_hazard(model: ir.Model) -> str | None:
                 if opset < 13 or (rank != 1 and opset < 18):
                     return f"SplitToSequence in an opset-{opset} model (folding needs opset 18)"
     return None
+
+
+def _make_contiguous(model: ir.Model) -> None:
+    """Give folded weights that are strided numpy views (a folded Transpose of a weight) a
+    contiguous copy: onnx_ir's initializer dedup hashes the buffer and refuses strided ones."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            raw = tensor.raw if isinstance(tensor, ir.Tensor) else None
+            if isinstance(raw, np.ndarray) and not raw.flags.c_contiguous:
+                value.const_value = ir.Tensor(
+                    np.ascontiguousarray(raw), dtype=tensor.dtype, name=tensor.name
+                )
 
 
 def _rank(value: ir.Value) -> int | None:

@@ -100,11 +100,26 @@ def test_matmul_batchnorm_on_matrices_is_folded():
     )
 
 
-def test_opset_before_batchnorm_9_is_refused():
-    model = ir.serde.deserialize_model(conv_bn_residual_model(opset=8))
-    with pytest.raises(Exception) as error:
-        FoldBatchNormPass()(model)
-    assert isinstance(error.value.__cause__, UnsupportedModelError)
+def test_opset_before_batchnorm_9_is_upgraded_then_folded():
+    original = conv_bn_residual_model(opset=8)
+    folded, result = _fold(original)
+    assert folded.opset_import[0].version == 9
+    assert "BatchNormalization" not in _ops(folded)
+    assert any("from opset 8 to 9" in note for note in result.notes)
+    x = np.random.default_rng(1).standard_normal((3, 1, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        run_onnx(folded, {"x": x})[0], run_onnx(original, {"x": x})[0], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_batchnorm_with_spatial_0_is_refused():
+    """BatchNormalization-8 with spatial=0 (statistics per element) has no opset-9 form."""
+    proto = conv_bn_residual_model(opset=8)
+    for node in proto.graph.node:
+        if node.op_type == "BatchNormalization":
+            node.attribute.append(helper.make_attribute("spatial", 0))
+    with pytest.raises(UnsupportedModelError, match="Attribute spatial must have value 1"):
+        FoldBatchNormPass()(ir.serde.deserialize_model(proto))
 
 
 def test_old_opset_model_without_batchnorm_passes_through():

@@ -254,3 +254,18 @@ def test_options_are_validated():
         LowRankOptions(op_types=("Gather",))
     built = registry.get("lowrank").build({"ratio": "0.25", "op_types": "Gemm+Conv"})
     assert built.options.ratio == 0.25 and built.options.op_types == ("Gemm", "Conv")
+
+
+def test_gemm_before_opset_11_gets_the_bias_it_requires():
+    """Regression (zoo ResNet-50, opset 9): the inner Gemm had no C, which Gemm-9 requires."""
+    model = _model(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)],
+        {"x": ["N", 64]},
+        {"w": _low_rank(80, 64, 8), "b": RNG.standard_normal(80).astype(np.float32)},
+        opset=9,
+    )
+    factored, result = _apply(model, energy=1.0)
+    assert result.stats["layers_factored"] == 1
+    x = RNG.standard_normal((5, 64)).astype(np.float32)
+    expected, got = run_onnx(model, {"x": x})[0], run_onnx(factored, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp.passes import SimplifyOptions, SimplifyPass
 from tests.conftest import conv_bn_residual_model, mlp_model, run_onnx
@@ -61,3 +62,24 @@ def test_opset_12_concat_from_sequence_is_not_folded_into_opset_13_ops():
     np.testing.assert_array_equal(
         run_onnx(ir.serde.serialize_model(model), feeds)[0], run_onnx(original, feeds)[0]
     )
+
+
+def test_folded_transpose_of_a_weight_is_deduplicated():
+    """Regression (onnx's test_Linear_no_bias): folding Transpose(W) left a strided numpy view,
+    which onnx_ir's initializer dedup refused ('ndarray is not C-contiguous')."""
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+         helper.make_node("MatMul", ["x", "wt"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    SimplifyPass()(model)
+    assert [n.op_type for n in model.graph] == ["MatMul"]
+    folded = next(iter(model.graph.initializers.values())).const_value.numpy()
+    np.testing.assert_array_equal(folded, w.T)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp.passes import MagnitudePruneOptions, MagnitudePrunePass
-from onnxcomp.passes._weights import find_weights
+from onnxcomp.passes._weights import find_weights, fold_weight_views
+from tests.conftest import run_onnx
 
 
 def _model() -> ir.Model:
@@ -114,3 +116,39 @@ def test_pruning_leaves_slice_tables_alone():
     MagnitudePrunePass(options)(model)
     np.testing.assert_array_equal(model.graph.initializers["pos"].const_value.numpy(), before)
     assert (model.graph.initializers["w"].const_value.numpy() == 0).mean() >= 0.5
+
+
+def _caffe2_style() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """A classifier weight stored flat and reshaped before its Gemm, and a per-channel scale
+    unsqueezed before a Mul, as Caffe2-era zoo models have them."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 8)).astype(np.float32)
+    scale = rng.uniform(0.5, 1.5, 5).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["w_flat", "w_shape"], ["w"]),
+         helper.make_node("Gemm", ["x", "w"], ["g"], transB=1),
+         helper.make_node("Unsqueeze", ["scale"], ["scale2"], axes=[0]),
+         helper.make_node("Mul", ["g", "scale2"], ["y"])],
+        "caffe2",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [numpy_helper.from_array(w.reshape(-1), "w_flat"),
+         numpy_helper.from_array(np.array([5, 8], np.int64), "w_shape"),
+         numpy_helper.from_array(scale, "scale")],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), w, scale
+
+
+def test_reshaped_and_unsqueezed_weights_are_folded_into_initializers():
+    proto, w, scale = _caffe2_style()
+    model = ir.serde.deserialize_model(proto)
+    assert fold_weight_views(model) == 2
+    assert [n.op_type for n in model.graph] == ["Gemm", "Mul"]
+    weights, _ = find_weights(model)
+    assert [weight.shape for weight in weights] == [(5, 8)]
+    np.testing.assert_array_equal(weights[0].array, w)
+    mul_scale = next(n for n in model.graph if n.op_type == "Mul").inputs[1].const_value.numpy()
+    np.testing.assert_array_equal(mul_scale, scale[None, :])
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_onnx(ir.serde.serialize_model(model), {"x": x})[0],
+                               run_onnx(proto, {"x": x})[0], rtol=1e-6)  # fmt: skip
