@@ -13,6 +13,7 @@ had it or the weights pass ~1.5 GB, since a protobuf cannot exceed 2 GB.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -54,7 +55,7 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{path} is not an ONNX model (cannot parse it: {reason})") from None
     if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.graph.output:
         raise ModelLoadError(f"{path} parses as protobuf but is not an ONNX model (no graph)")
-    _check_external_files(proto, path)
+    _check_tensors(proto, path)
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:
@@ -258,18 +259,59 @@ def has_external_tensors(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in iter_initializers(model))
 
 
-def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
-    """Fail early, with the file name, when an external data file is missing or too short."""
+def _check_tensors(proto: onnx.ModelProto, path: Path) -> None:
+    """Fail early, with the tensor's name, when a tensor's data does not match its declared
+    type and shape (a corrupt file: onnx.checker does not compare them, and the first pass to
+    read the tensor would crash), or an external data file is missing or too short."""
     for tensor in _all_tensors(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            data_path = path.parent / info.get("location", "")
+            if not data_path.is_file():
+                raise ModelLoadError(f"{path}: external data file {data_path} is missing")
+            end = int(info.get("offset", 0)) + int(info.get("length", 0))
+            if data_path.stat().st_size < end:
+                raise ModelLoadError(f"{path}: external data file {data_path} is truncated")
             continue
-        info = {e.key: e.value for e in tensor.external_data}
-        data_path = path.parent / info.get("location", "")
-        if not data_path.is_file():
-            raise ModelLoadError(f"{path}: external data file {data_path} is missing")
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if data_path.stat().st_size < end:
-            raise ModelLoadError(f"{path}: external data file {data_path} is truncated")
+        problem = _data_mismatch(tensor)
+        if problem:
+            raise ModelLoadError(f"{path}: tensor '{tensor.name}' {problem}")
+
+
+# Typed repeated fields of TensorProto; a tensor stores its values in one of them.
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def _data_mismatch(tensor: onnx.TensorProto) -> str | None:
+    """Why ``tensor``'s in-file data cannot be its declared dtype and shape, or None."""
+    dims = list(tensor.dims)
+    if any(d < 0 for d in dims):
+        return f"has negative dims {dims}"
+    if tensor.HasField("segment"):
+        return None
+    try:
+        dtype = ir.DataType(tensor.data_type)
+    except ValueError:
+        return f"has an unknown data type {tensor.data_type}"
+    count = math.prod(dims)
+    if dtype == ir.DataType.STRING:
+        found = len(tensor.string_data)
+        return None if found == count else f"holds {found} strings for shape {dims}"
+    if dtype == ir.DataType.UNDEFINED:
+        return "has an undefined data type"
+    if tensor.raw_data or not any(len(getattr(tensor, f)) for f in _TYPED_FIELDS):
+        expected = math.ceil(count * dtype.bitwidth / 8)
+        found = len(tensor.raw_data)
+        if found != expected:
+            return f"holds {found} bytes of data, its {dtype.name} shape {dims} needs {expected}"
+        return None
+    if dtype.bitwidth < 8:
+        return None  # sub-byte codes may be packed into the typed field
+    values = sum(len(getattr(tensor, f)) for f in _TYPED_FIELDS)
+    expected = count * (2 if dtype in (ir.DataType.COMPLEX64, ir.DataType.COMPLEX128) else 1)
+    if values != expected:
+        return f"holds {values} values, its {dtype.name} shape {dims} needs {expected}"
+    return None
 
 
 def _all_tensors(proto: onnx.ModelProto):

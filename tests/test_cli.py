@@ -88,6 +88,19 @@ def test_truncated_model(capsys, tmp_path: Path):
     _run_bad(capsys, tmp_path, _opt(path, tmp_path / "o.onnx"), 1, "not an ONNX model")
 
 
+@pytest.mark.parametrize("command", ["inspect", "optimize"])
+def test_tensor_data_that_does_not_match_its_shape(capsys, tmp_path: Path, command: str):
+    """Found by fuzzing: one flipped byte in a dims field left 64 floats declared as [1, 4];
+    onnx.checker accepts that and inspect crashed reading the tensor."""
+    model = conv_bn_residual_model()
+    model.graph.initializer[0].dims[0] += 1
+    path = tmp_path / "mismatch.onnx"
+    path.write_bytes(model.SerializeToString())
+    args = ["inspect", str(path)] if command == "inspect" else _opt(path, tmp_path / "o.onnx")
+    name = model.graph.initializer[0].name
+    _run_bad(capsys, tmp_path, args, 1, f"tensor '{name}' holds")
+
+
 def test_random_bytes(capsys, tmp_path: Path):
     path = tmp_path / "random.onnx"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
