@@ -571,9 +571,8 @@ def _search_paths(args: argparse.Namespace, written: dict[str, str | None]) -> N
 
 def _sensitivity(args: argparse.Namespace) -> int:
     import onnxcomp
-    from onnxcomp.io import write_text
     from onnxcomp.report import console as make_console
-    from onnxcomp.report import plot_sensitivity, print_sensitivity, progress_bar, to_json
+    from onnxcomp.report import plot_sensitivity, print_sensitivity, progress_bar
     from onnxcomp.search import parse_techniques
 
     techniques = parse_techniques(args.techniques) if not args.passes else None
@@ -587,21 +586,28 @@ def _sensitivity(args: argparse.Namespace) -> int:
     data = report.to_dict()
     console = make_console()
     print_sensitivity(data, console)
+    _write_search_outputs(data, args, console, plot_sensitivity)
+    return 0
+
+
+def _write_search_outputs(data: dict, args: argparse.Namespace, console, plot) -> None:
+    """``--json`` and ``--plot`` of sensitivity and auto, each said when written."""
+    from onnxcomp.io import write_text
+    from onnxcomp.report import to_json
+
     if args.json:
         write_text(args.json, to_json(data))
         console.print(f"wrote {args.json}", highlight=False)
     if args.plot:
-        plot_sensitivity(data, args.plot)
+        plot(data, args.plot)
         console.print(f"wrote {args.plot}", highlight=False)
-    return 0
 
 
 def _auto(args: argparse.Namespace) -> int:
     import onnxcomp
     from onnxcomp.errors import LossBoundError
-    from onnxcomp.io import write_text
     from onnxcomp.report import console as make_console
-    from onnxcomp.report import plot_auto, print_auto, progress_bar, to_json
+    from onnxcomp.report import plot_auto, print_auto, progress_bar
     from onnxcomp.search import fit_data_path
 
     epochs = None
@@ -626,12 +632,7 @@ def _auto(args: argparse.Namespace) -> int:
             result, error = e.result, e
     data = result.to_dict()
     print_auto(data, console)
-    if args.json:
-        write_text(args.json, to_json(data))
-        console.print(f"wrote {args.json}", highlight=False)
-    if args.plot:
-        plot_auto(data, args.plot)
-        console.print(f"wrote {args.plot}", highlight=False)
+    _write_search_outputs(data, args, console, plot_auto)
     if error is not None:
         _fail(str(error))
         return error.exit_code
