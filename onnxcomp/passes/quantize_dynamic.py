@@ -101,11 +101,17 @@ class DynamicQuantizePass(CompressionPass):
     lossless = False
 
     def apply(self, model: ir.Model) -> CompressionResult:
-        options = self.options
-        notes: list[str] = []
         left_alone = leave_quantized_alone(model)
         if left_alone is not None:
             return left_alone
+        return self.quantize_float_weights(model)
+
+    def quantize_float_weights(self, model: ir.Model) -> CompressionResult:
+        """The pass without its already-quantised guard: quantises the MatMul/Gemm that still
+        read a float weight and leaves QDQ or integer nodes already there alone (int8-static's
+        measured placement uses this on the layers it keeps float)."""
+        options = self.options
+        notes: list[str] = []
         lifted = lift_constant_weights(model)
         notes.extend(lifted_note(lifted))
         # Activation dtypes decide what can run as MatMulInteger; models without value_info

@@ -78,7 +78,14 @@ from onnxcomp.data import Dataset, rows_of, static_batch
 from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
 from onnxcomp.passes._opset import upgrade_opset
-from onnxcomp.passes._placement import Placement, Region, Timer, choose_placement, ort_timer
+from onnxcomp.passes._placement import (
+    NOISE_MARGIN,
+    Placement,
+    Region,
+    Timer,
+    choose_placement,
+    ort_timer,
+)
 from onnxcomp.passes._qdq import (
     add_dequantized_weight,
     add_quantize_dequantize,
@@ -95,6 +102,11 @@ from onnxcomp.passes._weights import (
     lift_constant_weights,
     lifted_note,
     matches,
+)
+from onnxcomp.passes.quantize_dynamic import (
+    DYNAMIC_LAYOUTS,
+    DynamicQuantizeOptions,
+    DynamicQuantizePass,
 )
 from onnxcomp.quant import calibrate
 from onnxcomp.target import LAYOUTS, IntegerLayout, Target, stamp
@@ -162,6 +174,11 @@ class StaticQuantizeOptions(PassOptions):
         "time both hard_activations placements in ONNX Runtime (level all, one thread) on "
         "search_batch samples and keep the faster (models with HardSwish/HardSigmoid; measure "
         "does this too)",
+    )
+    dynamic_fallback: bool = option(
+        True,
+        "with measure: also time the MatMul/Gemm left float with their activations quantised "
+        "at run time (as int8-dynamic) and keep that where it pays (AVX2 CPUs, small batches)",
     )
     search_batch: int = option(0, "batch size measure/search time (0: the calibration batch)")
     search_seconds: float = option(
@@ -276,19 +293,31 @@ class StaticQuantizePass(CompressionPass):
         )
         search: dict[str, object] = {}
         placement = None
+        use_dynamic = False
         if measured or (options.search and hard):
             started = time.perf_counter()
-            placement = self._place(model, hard, measured)
+            feeds = self._timing_feeds(model, measured)
+            placement = self._place(model, hard, measured, feeds)
             mode, keep_float = placement.mode, placement.keep_float
             search, placement_notes = _placement_report(placement, hard)
-            search["search_seconds"] = round(time.perf_counter() - started, 3)
             notes.extend(placement_notes)
+            if measured and options.dynamic_fallback:
+                fallback = self._try_dynamic(model, placement, feeds)
+                if fallback is not None:
+                    search["dynamic_fallback"] = fallback
+                    notes.append(_dynamic_note(fallback))
+                    use_dynamic = bool(fallback["kept"])
+            search["search_seconds"] = round(time.perf_counter() - started, 3)
         if placement is not None and placement.float_only:
             stats: dict[str, object] = {"weights_quantized": 0, "int8_layout": None,
                                         "target": target.kind, **search}  # fmt: skip
             modified = bool(lifted or upgraded or (folded and folded.modified))
-            return CompressionResult(model, modified, stats=stats, notes=notes)
+            if use_dynamic:
+                notes.extend(self._quantize_dynamic(model, stats))
+            return CompressionResult(model, modified or use_dynamic, stats=stats, notes=notes)
         plan, skipped, stats, _ = self._rewrite(model, mode, keep_float)
+        if use_dynamic:
+            notes.extend(self._quantize_dynamic(model, stats))
 
         notes.extend(describe_skips(skipped))
         float_ops = Counter(
@@ -370,19 +399,72 @@ class StaticQuantizePass(CompressionPass):
         }
         return plan, skipped, stats, regions
 
-    def _place(self, model: ir.Model, hard: bool, measured: bool) -> Placement:
-        """Time placements of ``model`` (a copy of it per trial) in ONNX Runtime and choose
-        one: with ``measured``, which regions stay int8 at batch 1 and ``search_batch`` against
-        float; else (``search``) only the hard_activations mode, at ``search_batch``."""
+    def _timing_feeds(self, model: ir.Model, measured: bool) -> dict[int, dict[str, np.ndarray]]:
+        """Inputs to time placements on, by batch size: batch 1 (when ``measured``) and
+        ``search_batch`` (the calibration batch by default)."""
         options = self.options
         assert self.data is not None
-        feeds = next(_calibration_batches(model, self.data, options.samples, options.trim_padding))
+        # Timed on the data as given: calibration trims padding (and starts with the shortest
+        # sequences), but the user runs the padded shapes, where int8 pays differently.
+        feeds = next(_calibration_batches(model, self.data, options.samples, trim=False))
         static = static_batch(model)
         batch = static or options.search_batch or len(next(iter(feeds.values())))
         if static is None:
             feeds = {k: np.resize(v, (batch, *v.shape[1:])) for k, v in feeds.items()}
         sizes = [batch] if static is not None or not measured else sorted({1, batch})
-        by_batch = {b: {k: v[:b] for k, v in feeds.items()} for b in sizes}
+        return {b: {k: v[:b] for k, v in feeds.items()} for b in sizes}
+
+    def _dynamic_pass(self) -> DynamicQuantizePass:
+        """int8-dynamic for the MatMul/Gemm left float, in the layout matching this pass's."""
+        layout = self._layout.name if self._layout.name in DYNAMIC_LAYOUTS else "auto"
+        options = DynamicQuantizeOptions(layout=layout, exclude=self.options.exclude,
+                                         report_kernels=False)  # fmt: skip
+        return DynamicQuantizePass(options, target=self.target)
+
+    def _quantize_dynamic(self, model: ir.Model, stats: dict[str, object]) -> list[str]:
+        """Quantise the MatMul/Gemm left float at run time (the kept dynamic fallback); adds
+        its counts to ``stats`` and returns its notes."""
+        result = self._dynamic_pass().quantize_float_weights(model)
+        stats["dynamic_weights_quantized"] = result.stats["weights_quantized"]
+        stats["dynamic_nodes_quantized"] = result.stats["nodes_quantized"]
+        for key in ("weight_bytes_before", "weight_bytes_after"):
+            stats[key] = int(stats.get(key, 0)) + int(result.stats[key])
+        return [f"dynamic fallback: {note}" for note in result.notes]
+
+    def _try_dynamic(
+        self, model: ir.Model, placement: Placement, feeds: dict[int, dict[str, np.ndarray]]
+    ) -> dict[str, object] | None:
+        """Time float, the chosen placement, and the chosen placement with the MatMul/Gemm it
+        leaves float quantised at run time, in one loop. The last is kept (``kept``) when it
+        is not slower than float at any batch size and faster than the placement overall."""
+        placed = model.clone()
+        if not placement.float_only:
+            self._rewrite(placed, placement.mode, placement.keep_float)
+        dynamic = placed.clone()
+        quantized = self._dynamic_pass().quantize_float_weights(dynamic)
+        count = int(quantized.stats.get("weights_quantized", 0))
+        if not count:
+            return None
+        inputs = list(feeds.values())
+        # one more loop than choose_placement's share: a fifth of the budget
+        base, chosen, with_dynamic = self.timer([model, placed, dynamic], inputs,
+                                                self.options.search_seconds / 5)  # fmt: skip
+        ratios = [t / b if b > 0 else 1.0 for t, b in zip(with_dynamic, base, strict=True)]
+        current = [t / b if b > 0 else 1.0 for t, b in zip(chosen, base, strict=True)]
+        if placement.float_only:
+            current = [1.0] * len(base)
+        kept = all(r <= 1 + NOISE_MARGIN for r in ratios) and sum(ratios) < sum(current)
+        ms = [[round(t * 1e3, 3) for t in times] for times in (base, chosen, with_dynamic)]
+        return {"weights": count, "kept": kept, "batches": list(feeds),
+                "fp32_ms": ms[0], "placement_ms": ms[1], "dynamic_ms": ms[2]}  # fmt: skip
+
+    def _place(
+        self, model: ir.Model, hard: bool, measured: bool, by_batch: dict[int, dict]
+    ) -> Placement:
+        """Time placements of ``model`` (a copy of it per trial) in ONNX Runtime and choose
+        one: with ``measured``, which regions stay int8 at batch 1 and ``search_batch`` against
+        float; else (``search``) only the hard_activations mode, at ``search_batch``."""
+        options = self.options
 
         def build(mode: str, keep_float: frozenset[str]) -> tuple[ir.Model, list[Region]]:
             trial = model.clone()
@@ -817,6 +899,19 @@ def _layout_notes(target: Target, layout: IntegerLayout, auto: bool) -> list[str
             "there (u8s8-7bit or u8u8 do not overflow)"
         )
     return notes
+
+
+def _dynamic_note(fallback: dict[str, object]) -> str:
+    """One line on the dynamic fallback: what was timed and whether it was kept."""
+    batches = "/".join(str(b) for b in fallback["batches"])  # type: ignore[union-attr]
+    timed = (f"float {_per_batch(fallback['fp32_ms'])}, placement "
+             f"{_per_batch(fallback['placement_ms'])}, with dynamic "
+             f"{_per_batch(fallback['dynamic_ms'])} ms at batch {batches}")  # fmt: skip
+    verdict = "kept" if fallback["kept"] else "not kept (it does not pay here)"
+    return (
+        f"dynamic fallback ({fallback['weights']} MatMul/Gemm weights left float, "
+        f"activations quantised at run time): {verdict}; {timed}"
+    )
 
 
 def _placement_report(placement: Placement, hard: bool) -> tuple[dict[str, object], list[str]]:

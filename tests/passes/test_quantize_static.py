@@ -634,6 +634,105 @@ def test_measure_auto_measures_for_host_only():
         assert bool(timer.calls) == measured and ("region_decisions" in result.stats) == measured
 
 
+def _two_matmul_model(seed: int = 2) -> onnx.ModelProto:
+    """x -> MatMul(w1) -> Softmax -> MatMul(w2) -> y: two single-MatMul int8 regions."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.3).astype(np.float32),
+                                     name) for name in ("w1", "w2")]  # fmt: skip
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+             helper.make_node("Softmax", ["h"], ["s"], axis=-1),
+             helper.make_node("MatMul", ["s", "w2"], ["y"], name="mm2")]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "two_matmuls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+class MatMulTimer:
+    """Deterministic latencies for _two_matmul_model: float costs ``base`` per batch size, each
+    MatMul in static int8 adds ``static[i]``, each one quantised at run time ``dynamic[i]``."""
+
+    def __init__(self, base: list[float], static: list[float], dynamic: list[float]):
+        self.base, self.static, self.dynamic, self.calls = base, static, dynamic, []
+
+    def __call__(self, models, feeds, seconds):
+        self.calls.append(len(models))
+        times = []
+        for model in models:
+            ops = Counter(n.op_type for n in model.graph)
+            n_static = sum(1 for n in model.graph if n.op_type == "MatMul"
+                           and n.inputs[1].producer() is not None
+                           and n.inputs[1].producer().op_type == "DequantizeLinear")  # fmt: skip
+            n_dynamic = ops["MatMulInteger"]
+            times.append([b + n_static * s + n_dynamic * d for b, s, d
+                          in zip(self.base, self.static, self.dynamic, strict=True)])  # fmt: skip
+        return times
+
+
+def _matmul_data(n: int = 32) -> Dataset:
+    return Dataset({"x": RNG.standard_normal((n, 16)).astype(np.float32)})
+
+
+@pytest.mark.parametrize(
+    ("static", "dynamic", "kept"),
+    [
+        ([0.1, 0.5], [-0.05, -1.0], True),  # static int8 costs, dynamic pays at both batches
+        ([0.1, 0.5], [0.05, -1.0], False),  # dynamic slower at batch 1: float stays
+        # static pays: both MatMuls int8 statically, nothing left float to try
+        ([-0.1, -1.0], [-0.05, -0.5], None),
+    ],
+)
+def test_dynamic_fallback_is_kept_only_where_it_pays(static, dynamic, kept):
+    timer = MatMulTimer([1.0, 10.0], static, dynamic)
+    quantize = StaticQuantizePass(StaticQuantizeOptions(measure="true", search_batch=8),
+                                  data=_matmul_data())  # fmt: skip
+    quantize.timer = timer
+    model = ir.serde.deserialize_model(_two_matmul_model())
+    result = quantize(model)
+    ops = Counter(n.op_type for n in model.graph)
+    if kept is None:
+        assert "dynamic_fallback" not in result.stats and 3 not in timer.calls
+        assert ops["DequantizeLinear"] >= 2 and ops["MatMulInteger"] == 0
+    else:
+        fallback = result.stats["dynamic_fallback"]
+        assert fallback["kept"] is kept and fallback["weights"] == 2
+        assert fallback["batches"] == [1, 8]
+        assert timer.calls[-1] == 3  # float, the placement, the placement + dynamic: one loop
+        assert (ops["MatMulInteger"] == 2) is kept and (ops["DynamicQuantizeLinear"] > 0) is kept
+        assert any("dynamic fallback (" in n for n in result.notes)
+        assert result.stats.get("dynamic_weights_quantized") == (2 if kept else None)
+    quantized = ir.serde.serialize_model(model)
+    onnx.checker.check_model(quantized, full_check=True)
+    x = RNG.standard_normal((8, 16)).astype(np.float32)
+    (want,), (got,) = run_onnx(_two_matmul_model(), {"x": x}), run_onnx(quantized, {"x": x})
+    assert _cosine(got, want) > 0.999
+
+
+def test_dynamic_fallback_false_times_no_dynamic_model():
+    timer = MatMulTimer([1.0, 10.0], [0.1, 0.5], [-0.05, -1.0])
+    options = StaticQuantizeOptions(measure="true", search_batch=8, dynamic_fallback=False)
+    quantize = StaticQuantizePass(options, data=_matmul_data())
+    quantize.timer = timer
+    model = ir.serde.deserialize_model(_two_matmul_model())
+    result = quantize(model)
+    assert 3 not in timer.calls and "dynamic_fallback" not in result.stats
+    assert not any(n.op_type == "MatMulInteger" for n in model.graph)
+
+
+def test_timing_feeds_keep_the_padding_calibration_trims():
+    # calibration batches by unpadded length and trims; the timed inputs are the data as given
+    ids = RNG.integers(1, 100, size=(16, 12))
+    mask = np.ones((16, 12), dtype=np.int64)
+    mask[:8, 4:] = 0  # half the rows have 4 tokens: calibration starts with them, trimmed
+    data = Dataset({"input_ids": ids, "attention_mask": mask})
+    model = ir.serde.deserialize_model(onnx.load(MODELS / "tiny_encoder.onnx"))
+    quantize = StaticQuantizePass(StaticQuantizeOptions(search_batch=8), data=data)
+    feeds = quantize._timing_feeds(model, measured=True)
+    assert sorted(feeds) == [1, 8]
+    assert all(f["input_ids"].shape[1] == 12 for f in feeds.values())
+
+
 def test_measured_placement_runs_end_to_end_in_onnxruntime():
     model = ir.serde.deserialize_model(_two_region_model())
     options = StaticQuantizeOptions(measure="true", search_batch=4, search_seconds=0.4)
