@@ -303,6 +303,11 @@ def _onnxcomp(
     ratios = "/".join(f"{r:.2f}x" for r in stats["measured_ratio"])
     batches = "/".join(str(b) for b in stats["measured_batches"])
     verdict = "float" if stats["float_only"] else f"int8 {kept}/{len(decisions)} regions"
+    fallback = stats.get("dynamic_fallback")
+    if fallback and fallback["kept"]:
+        verdict += f" + {fallback['weights']} dynamic"
+        pairs = zip(fallback["dynamic_ms"], fallback["fp32_ms"], strict=True)
+        ratios = "/".join(f"{t / f:.2f}x" for t, f in pairs)
     return {"placement": f"{verdict} ({stats.get('int8_layout') or '-'}; measured b{batches}: "
                          f"{ratios})"}  # fmt: skip
 

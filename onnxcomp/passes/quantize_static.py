@@ -426,8 +426,9 @@ class StaticQuantizePass(CompressionPass):
         its counts to ``stats`` and returns its notes."""
         result = self._dynamic_pass().quantize_float_weights(model)
         stats["dynamic_weights_quantized"] = result.stats["weights_quantized"]
+        stats["int8_layout"] = stats.get("int8_layout") or result.stats["int8_layout"]
         stats["dynamic_nodes_quantized"] = result.stats["nodes_quantized"]
-        for key in ("weight_bytes_before", "weight_bytes_after"):
+        for key in ("weights_quantized", "weight_bytes_before", "weight_bytes_after"):
             stats[key] = int(stats.get(key, 0)) + int(result.stats[key])
         return [f"dynamic fallback: {note}" for note in result.notes]
 

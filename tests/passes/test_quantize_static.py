@@ -702,6 +702,8 @@ def test_dynamic_fallback_is_kept_only_where_it_pays(static, dynamic, kept):
         assert (ops["MatMulInteger"] == 2) is kept and (ops["DynamicQuantizeLinear"] > 0) is kept
         assert any("dynamic fallback (" in n for n in result.notes)
         assert result.stats.get("dynamic_weights_quantized") == (2 if kept else None)
+        assert result.stats["weights_quantized"] == (2 if kept else 0)
+        assert result.stats["int8_layout"] == ("u8s8-7bit" if kept else None)
     quantized = ir.serde.serialize_model(model)
     onnx.checker.check_model(quantized, full_check=True)
     x = RNG.standard_normal((8, 16)).astype(np.float32)
