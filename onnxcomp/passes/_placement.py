@@ -131,11 +131,11 @@ def choose_placement(
     times = timer(candidates, inputs, budget)
     base = times[0]
     mode_times = dict(zip(modes, times[1:] if float_model is not None else times, strict=True))
-    ranked = sorted(modes, key=lambda m: sum(_ratios(mode_times[m], base)))
-    mode_ms = {m: _ms(t) for m, t in mode_times.items()}
+    ranked = sorted(modes, key=lambda m: sum(latency_ratios(mode_times[m], base)))
+    mode_ms = {m: to_ms(t) for m, t in mode_times.items()}
     if float_model is None:
         return Placement(ranked[0], batches=batches, mode_ms=mode_ms)
-    mode_ms = {"fp32": _ms(base), **mode_ms}
+    mode_ms = {"fp32": to_ms(base), **mode_ms}
     tried = []
     for mode in ranked:
         model, regions = trials[mode]
@@ -177,7 +177,7 @@ def _revert_regions(
             # Reverting the last int8 region leaves float itself: time the float model.
             candidate = float_model if wanted == every else build(mode, wanted)[0]
             with_int8, without = timed([current, candidate])
-            ratios = _ratios(with_int8, without)
+            ratios = latency_ratios(with_int8, without)
             pays = sum(ratios) < len(ratios) and all(r <= 1.0 for r in ratios)
             placement.regions.append(_decision(region, pays, with_int8, without))
             if not pays:
@@ -188,17 +188,27 @@ def _revert_regions(
         elif keep_float:
             base, current_times = timed([float_model, current])
     placement.keep_float = keep_float
-    placement.final_ms = {"fp32": _ms(base), "int8": _ms(current_times)}
-    slower = any(r > 1 + NOISE_MARGIN for r in _ratios(current_times, base))
+    placement.final_ms = {"fp32": to_ms(base), "int8": to_ms(current_times)}
+    slower = any(r > 1 + NOISE_MARGIN for r in latency_ratios(current_times, base))
     placement.float_only = keep_float == every or slower
     return placement
 
 
-def _ratios(times: Sequence[float], base: Sequence[float]) -> list[float]:
+def replaces(times: Sequence[float], current: Sequence[float], base: Sequence[float]) -> bool:
+    """Whether a candidate timed ``times`` should replace one timed ``current``: not slower
+    than float (``base``) at any batch size, beyond :data:`NOISE_MARGIN`, and faster than the
+    current one summed over the batch sizes (all three from one timing loop)."""
+    ratios = latency_ratios(times, base)
+    return all(r <= 1 + NOISE_MARGIN for r in ratios) and sum(ratios) < sum(
+        latency_ratios(current, base)
+    )
+
+
+def latency_ratios(times: Sequence[float], base: Sequence[float]) -> list[float]:
     return [t / b if b > 0 else 1.0 for t, b in zip(times, base, strict=True)]
 
 
-def _ms(times: Sequence[float]) -> list[float]:
+def to_ms(times: Sequence[float]) -> list[float]:
     return [round(t * 1e3, 3) for t in times]
 
 
@@ -210,9 +220,18 @@ def _decision(
     return {
         "region": region.describe(),
         "int8": int8,
-        "int8_ms": _ms(int8_times),
-        "float_ms": _ms(float_times),
+        "int8_ms": to_ms(int8_times),
+        "float_ms": to_ms(float_times),
     }
 
 
-__all__ = ["NOISE_MARGIN", "Placement", "Region", "choose_placement", "ort_timer"]
+__all__ = [
+    "NOISE_MARGIN",
+    "Placement",
+    "Region",
+    "choose_placement",
+    "latency_ratios",
+    "ort_timer",
+    "replaces",
+    "to_ms",
+]

@@ -79,12 +79,13 @@ from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
 from onnxcomp.passes._opset import upgrade_opset
 from onnxcomp.passes._placement import (
-    NOISE_MARGIN,
     Placement,
     Region,
     Timer,
     choose_placement,
     ort_timer,
+    replaces,
+    to_ms,
 )
 from onnxcomp.passes._qdq import (
     add_dequantized_weight,
@@ -450,12 +451,8 @@ class StaticQuantizePass(CompressionPass):
         # one more loop than choose_placement's share: a fifth of the budget
         base, chosen, with_dynamic = self.timer([model, placed, dynamic], inputs,
                                                 self.options.search_seconds / 5)  # fmt: skip
-        ratios = [t / b if b > 0 else 1.0 for t, b in zip(with_dynamic, base, strict=True)]
-        current = [t / b if b > 0 else 1.0 for t, b in zip(chosen, base, strict=True)]
-        if placement.float_only:
-            current = [1.0] * len(base)
-        kept = all(r <= 1 + NOISE_MARGIN for r in ratios) and sum(ratios) < sum(current)
-        ms = [[round(t * 1e3, 3) for t in times] for times in (base, chosen, with_dynamic)]
+        kept = replaces(with_dynamic, base if placement.float_only else chosen, base)
+        ms = [to_ms(times) for times in (base, chosen, with_dynamic)]
         return {"weights": count, "kept": kept, "batches": list(feeds),
                 "fp32_ms": ms[0], "placement_ms": ms[1], "dynamic_ms": ms[2]}  # fmt: skip
 
