@@ -827,7 +827,8 @@ class _Analyzer:
                 not isinstance(k, int) or g * k != channels:  # fmt: skip
             return None
         target = _target_entries(merge.inputs[1])
-        if merge.inputs[1] in self.states or target is None or target[a] is None or \
+        if merge.inputs[1] in self.states or target is None or len(target) != len(in_dims) or \
+                len(entries) != len(mid_dims) or target[a] is None or \
                 target[a] == 0 or entries[a] != g or entries[a + 1] not in (k, -1):  # fmt: skip
             return "has a shape the analysis cannot read"
         segment = state.segments[0]

@@ -156,9 +156,14 @@ def affine_reason(node: ir.Node) -> str | None:
         return "scale/bias/mean/var are not constants"
     if any(v.is_graph_input() for v in params):  # type: ignore[union-attr]
         return "scale/bias/mean/var are graph inputs, which a caller may override"
+    sizes = {tuple(v.const_value.shape) for v in params}  # type: ignore[union-attr]
+    if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+        return "scale/bias/mean/var are not vectors of one size"
     x = node.inputs[0]
     if x is None or x.shape is None or len(x.shape) < 2:
         return "the rank of its input is not known"
+    if isinstance(x.shape[1], int) and (x.shape[1],) not in sizes:
+        return "its input's channels differ from its parameters'"
     if x.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
         return "its input is not float"
     if node.attributes.get_int("training_mode", 0):
@@ -276,6 +281,9 @@ def _foldable_conv(node: ir.Node) -> ir.Node | None:
                or len(v.uses()) != 1 for v in params):  # fmt: skip
             return None
         weight = params[0].const_value
+        if len(weight.shape) < 3 or (len(params) > 1 and tuple(params[1].const_value.shape) !=
+                                     (weight.shape[0],)):  # fmt: skip
+            return None
         if _channel_operand(node, out, len(weight.shape), weight.shape[0]) is None:
             return None
         return conv

@@ -40,7 +40,7 @@ from onnx_ir.passes import common as common_passes
 
 from onnxcomp import decoder, quant, runtime
 from onnxcomp.data import run_batch_size
-from onnxcomp.errors import UsageError
+from onnxcomp.errors import UnsupportedModelError, UsageError
 from onnxcomp.passes._base import (
     CompressionPass,
     CompressionResult,
@@ -334,7 +334,10 @@ class WeightQuantizePass(CompressionPass):
         if self.options.per_channel or self.options.block_size:
             # A per-channel factor leaves per-channel (and per-block) codes as they were; a
             # single scale per tensor would have to cover BN's spread of channel scales.
-            folded, notes = fold_batchnorms(model)
+            try:
+                folded, notes = fold_batchnorms(model)
+            except UnsupportedModelError as e:  # BatchNormalization older than opset 9
+                return {}, [f"BatchNormalization left as it was: {e}"]
             affines = fold_channel_affines(model.graph)
             if folded:
                 notes.append(f"folded {folded} BatchNormalization into the layers before them")
@@ -350,7 +353,8 @@ class WeightQuantizePass(CompressionPass):
             common_passes.RemoveUnusedNodesPass()(model)
             return {"batchnorms_folded": folded}, notes
         if any(n.inputs[0] is not None and n.inputs[0].shape is None for n in left):
-            common_passes.ShapeInferencePass()(model)
+            with contextlib.suppress(Exception):  # else those BatchNorms stay as they are
+                common_passes.ShapeInferencePass()(model)
             left = [n for n in model.graph if n.op_type == "BatchNormalization"]
         kept: dict[str, list[str]] = defaultdict(list)
         ready = []

@@ -20,6 +20,7 @@ from onnxcomp.errors import UsageError
 from onnxcomp.passes import ChannelPruneOptions, ChannelPrunePass
 from onnxcomp.passes.prune_channels import even_keep, global_keep_counts, kept_units, top_units
 from tests.conftest import LOSS_ALLOWED, MODELS, conv_bn_residual_model, run_onnx
+from tests.matrix_cases import zoo_layout
 from tests.robustness_models import (
     ROBUSTNESS_MODELS,
     attention_model,
@@ -391,3 +392,24 @@ def test_even_keep_keeps_the_best_channels_each_part_may_keep():
     assert top_units(score, 4).tolist() == [0, 1, 4, 5]  # what an unconstrained pick keeps
     # 3 parts of 2 cannot keep 5: the nearest count they can keep is 3, the best of each pair
     assert even_keep(score, [Partition(3)], 5).tolist() == [1, 3, 5]
+
+
+def test_zoo_shufflenet_shrinks_and_equals_the_original_with_removed_channels_zeroed(
+    tmp_path: Path,
+):
+    original = zoo_layout("shufflenet")  # IR 3, weights also graph inputs, random weights
+    source, output = tmp_path / "shufflenet.onnx", tmp_path / "pruned.onnx"
+    onnx.save(original, source)
+    _, report = onnxcomp.optimize(source, "prune-channels:ratio=0.25", output=output,
+                                  bound=LOSS_ALLOWED)  # fmt: skip
+    # the 16 bottlenecks' channels, between their two grouped Convs across the shuffle (the
+    # residual streams run through Concats into grouped Convs: left whole)
+    assert report.records[0].stats["groups_pruned"] == 16
+    assert report.file_bytes_after < 0.9 * source.stat().st_size  # 0.852x
+    pruned = onnx.load(output)
+    reference = _masked_reference(original, pruned)
+    x = np.random.default_rng(6).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    feeds = {original.graph.input[0].name: x}
+    (got,), (want,) = run_onnx(pruned, feeds), run_onnx(reference, feeds)
+    assert got.shape == want.shape == (1, 1000)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
