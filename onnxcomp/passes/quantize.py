@@ -133,11 +133,12 @@ class WeightQuantizeOptions(PassOptions):
     clip: bool | None = option(
         None, "gptq/awq: each block's range chosen by output error (default: awq yes, gptq no)"
     )
-    batchnorm: Literal["compact", "fold", "keep"] = option(
-        "compact",
+    batchnorm: Literal["auto", "compact", "fold", "keep"] = option(
+        "auto",
         "BatchNormalization: fold into the Conv/Gemm/MatMul before it (exact; not with "
         "per-tensor scales) and rewrite the rest as x*s+b with float16 s, b (compact); fold "
-        "only; or keep as is",
+        "only; keep as is; auto: compact for linear codes, keep for ternary/binary (which "
+        "distillation fine-tunes: it trains BatchNorm's scale and shift)",
     )
 
     def validate(self) -> None:
@@ -327,6 +328,8 @@ class WeightQuantizePass(CompressionPass):
         ``x * s + b`` with float16 vectors; their four float vectors would otherwise be what
         is left of the model's size (DenseNet's pre-activation BNs follow a Concat)."""
         mode = self.options.batchnorm
+        if mode == "auto":
+            mode = "compact" if self.options.scheme == "linear" else "keep"
         if mode == "keep" or not batchnorms(model):
             return {}, []
         notes: list[str] = []

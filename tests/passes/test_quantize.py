@@ -592,3 +592,11 @@ def test_int8_zoo_models_shrink_to_about_a_quarter_batchnorms_included(
     assert min_cosine(report.records[0].check) >= 0.999  # measured 0.99999 and 0.99985
     ops = {n.op_type for n in onnx.load(output).graph.node}
     assert "BatchNormalization" not in ops
+
+
+def test_ternary_keeps_batchnorms_for_distillation_to_fine_tune():
+    quantized, result = _quantize(_densenet_like_model(), bits=2, scheme="ternary")
+    assert _ops(quantized).count("BatchNormalization") == 2
+    assert "batchnorms_folded" not in result.stats
+    quantized, _ = _quantize(_densenet_like_model(), bits=2, scheme="ternary", batchnorm="compact")
+    assert "BatchNormalization" not in _ops(quantized)
