@@ -6,15 +6,18 @@ same index set. :func:`analyze_channels` finds these sets without editing the gr
 the nodes in topological order and follows each layer's output *channel space* through the ops
 that keep channels apart (BatchNormalization, activations, pooling, per-channel constants,
 depthwise Conv, Transpose, Flatten/Reshape, Concat at an offset, the MatMul/Softmax/MatMul of
-multi-head attention) to the layers that read it (the next Conv, Gemm or MatMul), joining
-spaces that meet (residual Add/Sub/Mul, tensors shared by several layers) with union-find.
+multi-head attention, ShuffleNet's channel shuffle as a permutation) to the layers that read it
+(the next Conv, Gemm or MatMul), joining spaces that meet (residual Add/Sub/Mul, tensors shared
+by several layers) with union-find. A grouped Conv's output channels, and one layer's channels
+read by a grouped Conv or shuffled in rows, must be pruned evenly over those groups: the group
+lists these :class:`Partition` s.
 
 A :class:`ChannelGroup` lists every constant slice that belongs to it (:class:`Member`), every
 activation that carries it, and the Reshape shape entries and depthwise ``group`` attributes
 that hold its size. A group is *safe* only when every use of its channels is understood; any
 other use (a graph output, LayerNormalization or Softmax over the channel axis, an unknown op, a
-shape computed at run time, a grouped Conv with 1 < group < channels, a weight also read
-elsewhere, ...) makes it unsafe and is kept as a reason, so callers can report it.
+shape computed at run time, a grouped Conv reading the channels of several layers, a weight also
+read elsewhere, ...) makes it unsafe and is kept as a reason, so callers can report it.
 
 Channels may map to several consecutive positions of a tensor axis (``block``: after Flatten a
 channel covers H*W rows of the next weight) or to a fraction of a position (after a Reshape that

@@ -6,8 +6,10 @@ the next layer's input slices, the other branch of a residual Add, the Q/K/V/out
 of one attention head, ...). For each safe group the pass ranks its units (channels, or whole
 heads) by an importance score, removes the lowest ``ratio`` share, and physically slices every
 member tensor, the depthwise ``group`` attributes and the Reshape shape constants that hold the
-group's size; intermediate value shapes are updated to match. Groups the analysis cannot prove
-safe are left whole and listed in the notes with the reason.
+group's size; intermediate value shapes are updated to match. Channels made or read by grouped
+Convs are removed evenly per group, and behind a channel shuffle the kept channels are
+reordered as the smaller shuffle lays them out (:func:`even_keep` picks such a set). Groups the
+analysis cannot prove safe are left whole and listed in the notes with the reason.
 
 What it promises: the pruned model computes exactly what the input model computes with the
 removed channels' contributions to the next layers set to zero (their input slices of the
