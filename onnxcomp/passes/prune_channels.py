@@ -293,9 +293,24 @@ def even_keep(
     return None
 
 
+DP_LIMIT = 1 << 24  # cells of the dynamic programme's table (128 MiB of float64)
+
+
 def _best_sequence(score: np.ndarray, have: np.ndarray, want: np.ndarray) -> np.ndarray | None:
     """Increasing indices ``c_0 < c_1 < ...`` with ``have[c_i] == want[i]`` and the largest
-    total score; None when there are none."""
+    total score; None when there are none (or the table would exceed DP_LIMIT)."""
+    if (np.diff(have) >= 0).all() and (np.diff(want) >= 0).all():
+        # Each label's channels are one run, in the order the labels are wanted (the usual
+        # case: parts listed outermost first): the best of each run, as many as wanted.
+        picked = []
+        for label, count in zip(*np.unique(want, return_counts=True), strict=True):
+            run = np.flatnonzero(have == label)
+            if len(run) < count:
+                return None
+            picked.append(run[top_units(score[run], int(count))])
+        return np.sort(np.concatenate(picked))
+    if len(want) * len(score) > DP_LIMIT:
+        return None
     best = np.full((len(want), len(score)), -np.inf)
     for i, label in enumerate(want):
         before = np.maximum.accumulate(best[i - 1]) if i else np.zeros(len(score))

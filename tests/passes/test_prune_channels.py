@@ -413,3 +413,14 @@ def test_zoo_shufflenet_shrinks_and_equals_the_original_with_removed_channels_ze
     (got,), (want,) = run_onnx(pruned, feeds), run_onnx(reference, feeds)
     assert got.shape == want.shape == (1, 1000)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_even_keep_takes_the_same_set_by_runs_or_by_the_dynamic_programme():
+    rng = np.random.default_rng(7)
+    score = rng.random(30)
+    ordered = [Partition(3), Partition(3, (3, 10))]  # labels rise with the channel index
+    reordered = ordered[::-1]  # the same constraints; labels no longer rise: the programme
+    for keep in (24, 21, 15):
+        runs = even_keep(score, ordered, keep)
+        assert runs is not None and len(runs) == keep
+        assert runs.tolist() == even_keep(score, reordered, keep).tolist()
