@@ -180,6 +180,16 @@ def batchnorms_to_affine(graph: ir.Graph, nodes: list[ir.Node]) -> tuple[int, in
     float16's range, else the input's dtype. Returns (BatchNorms rewritten, bytes of the new
     vectors)."""
     nbytes = 0
+    taken = {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
+
+    def fresh(name: str) -> str:
+        candidate, k = name, 0
+        while candidate in taken:
+            k += 1
+            candidate = f"{name}_{k}"
+        taken.add(candidate)
+        return candidate
+
     for node in nodes:
         x = node.inputs[0]
         assert x is not None and x.shape is not None and x.dtype is not None
@@ -206,7 +216,7 @@ def batchnorms_to_affine(graph: ir.Graph, nodes: list[ir.Node]) -> tuple[int, in
             nbytes += tensor.nbytes
             if stored != dtype:
                 cast = ir.node("Cast", [value], {"to": x.dtype}, name=f"{name}_{label}_cast")
-                cast.outputs[0].name = f"{value.name}_cast"
+                cast.outputs[0].name = fresh(f"{value.name}_cast")
                 cast.outputs[0].dtype = x.dtype
                 cast.outputs[0].shape = ir.Shape(tensor.shape)
                 new_nodes.append(cast)
@@ -214,7 +224,7 @@ def batchnorms_to_affine(graph: ir.Graph, nodes: list[ir.Node]) -> tuple[int, in
             operands.append(value)
         mul = ir.node("Mul", [x, operands[0]], name=f"{name}_mul")
         add = ir.node("Add", [mul.outputs[0], operands[1]], name=f"{name}_add")
-        mul.outputs[0].name = f"{name}_scaled"
+        mul.outputs[0].name = fresh(f"{name}_scaled")
         out = chain[-1].outputs[0]
         for value in (mul.outputs[0], add.outputs[0]):
             value.dtype, value.shape = x.dtype, out.shape or x.shape

@@ -342,7 +342,7 @@ class WeightQuantizePass(CompressionPass):
         if mode == "keep" or not batchnorms(model):
             return {}, []
         notes: list[str] = []
-        folded = 0
+        folded = affines = 0
         if self.options.per_channel or self.options.block_size:
             # A per-channel factor leaves per-channel (and per-block) codes as they were; a
             # single scale per tensor would have to cover BN's spread of channel scales.
@@ -354,16 +354,16 @@ class WeightQuantizePass(CompressionPass):
             if folded:
                 notes.append(f"folded {folded} BatchNormalization into the layers before them")
             if affines:
-                notes.append(f"folded {affines} Mul/Add by per-channel constants (a Caffe Scale "
-                             "layer) into the Conv before them")  # fmt: skip
-            folded += affines
+                notes.append(f"folded {affines} Mul/Add by per-channel constants (e.g. a Caffe "
+                             "Scale layer) into the Conv before them")  # fmt: skip
         else:
             notes.append("BatchNormalization not folded: per-tensor scales would have to "
                          "cover its spread of channel scales")  # fmt: skip
         left = [n for n in model.graph if n.op_type == "BatchNormalization"]
+        stats = {"batchnorms_folded": folded, "affines_folded": affines}
         if mode == "fold" or not left:
             common_passes.RemoveUnusedNodesPass()(model)
-            return {"batchnorms_folded": folded}, notes
+            return stats, notes
         if any(n.inputs[0] is not None and n.inputs[0].shape is None for n in left):
             with contextlib.suppress(Exception):  # else those BatchNorms stay as they are
                 common_passes.ShapeInferencePass()(model)
@@ -380,17 +380,17 @@ class WeightQuantizePass(CompressionPass):
             p.op_type if (p := n.inputs[0].producer()) is not None else "a graph input"  # type: ignore[union-attr]
             for n in ready
         )
-        compacted, _ = batchnorms_to_affine(model.graph, ready)
+        compacted, nbytes = batchnorms_to_affine(model.graph, ready)
         if compacted:
             after = ", ".join(f"{count} after {op}" for op, count in follows.most_common())
             notes.append(
                 f"{compacted} BatchNormalization with nothing to fold into ({after}) rewritten "
-                "as x*s+b: 2 float16 vectors instead of 4 float ones"
+                f"as x*s+b: 2 vectors (float16 where they fit), {nbytes} bytes"
             )
         for why, names in kept.items():
             notes.append(f"kept {len(names)} BatchNormalization ({why}): {name_list(names)}")
         common_passes.RemoveUnusedNodesPass()(model)  # the old vectors
-        return {"batchnorms_folded": folded, "batchnorms_compacted": compacted}, notes
+        return {**stats, "batchnorms_compacted": compacted}, notes
 
     def _format(self, weight: Weight, layout: _Layout) -> tuple[str, str | None]:
         """``qdq`` or ``matmulnbits`` for this weight, and why not the one asked for (if so)."""
