@@ -193,6 +193,23 @@ def attention_model(
     return b.model({"x": ["N", "L", d]}, [y], name="attention")
 
 
+def shuffle_unit_model(seed: int = 0) -> onnx.ModelProto:
+    """A ShuffleNet unit whose rows do not split evenly over the second grouped Conv's groups:
+    Conv -> grouped Conv (group=3, 30 filters) -> channel shuffle (Reshape [3, 10], Transpose,
+    Reshape) -> depthwise Conv -> grouped Conv (group=3, runs of 10) -> Conv. [N,6,5,5] ->
+    [N,5,5,5]."""
+    b = GraphBuilder(seed)
+    x = b.conv_bn("x", 6, 9, k=1)
+    x = b.conv_bn(x, 9, 30, k=1, group=3)
+    x = b.op("Reshape", [x, b.const("split", np.array([0, 3, 10, 5, 5]))])
+    x = b.op("Transpose", [x], perm=[0, 2, 1, 3, 4])
+    x = b.op("Reshape", [x, b.const("merge", np.array([0, 30, 5, 5]))])
+    x = b.conv_bn(x, 30, 30, act=None, group=30)
+    x = b.conv_bn(x, 30, 12, k=1, group=3)
+    y = b.conv(x, 12, 5, k=1, bias=True)
+    return b.model({"x": ["N", 6, 5, 5]}, [y], name="shuffle_unit")
+
+
 def nothing_prunable_model(seed: int = 0) -> onnx.ModelProto:
     """A single Conv whose output is the graph output: no channel can go."""
     b = GraphBuilder(seed)

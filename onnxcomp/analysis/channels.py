@@ -6,15 +6,18 @@ same index set. :func:`analyze_channels` finds these sets without editing the gr
 the nodes in topological order and follows each layer's output *channel space* through the ops
 that keep channels apart (BatchNormalization, activations, pooling, per-channel constants,
 depthwise Conv, Transpose, Flatten/Reshape, Concat at an offset, the MatMul/Softmax/MatMul of
-multi-head attention) to the layers that read it (the next Conv, Gemm or MatMul), joining
-spaces that meet (residual Add/Sub/Mul, tensors shared by several layers) with union-find.
+multi-head attention, ShuffleNet's channel shuffle as a permutation) to the layers that read it
+(the next Conv, Gemm or MatMul), joining spaces that meet (residual Add/Sub/Mul, tensors shared
+by several layers) with union-find. A grouped Conv's output channels, and one layer's channels
+read by a grouped Conv or shuffled in rows, must be pruned evenly over those groups: the group
+lists these :class:`Partition` s.
 
 A :class:`ChannelGroup` lists every constant slice that belongs to it (:class:`Member`), every
 activation that carries it, and the Reshape shape entries and depthwise ``group`` attributes
 that hold its size. A group is *safe* only when every use of its channels is understood; any
 other use (a graph output, LayerNormalization or Softmax over the channel axis, an unknown op, a
-shape computed at run time, a grouped Conv with 1 < group < channels, a weight also read
-elsewhere, ...) makes it unsafe and is kept as a reason, so callers can report it.
+shape computed at run time, a grouped Conv reading the channels of several layers, a weight also
+read elsewhere, ...) makes it unsafe and is kept as a reason, so callers can report it.
 
 Channels may map to several consecutive positions of a tensor axis (``block``: after Flatten a
 channel covers H*W rows of the next weight) or to a fraction of a position (after a Reshape that
@@ -59,11 +62,35 @@ MAX_REASONS = 3
 @dataclasses.dataclass(frozen=True)
 class Segment:
     """Where a channel space lies on an axis: channel ``c`` covers positions
-    ``[offset + c * block, offset + (c + 1) * block)`` (fractions when channels share a head)."""
+    ``[offset + c * block, offset + (c + 1) * block)`` (fractions when channels share a head).
+
+    After a channel shuffle of ``shuffle = (g, k)`` (ShuffleNet's Reshape [g, k] - Transpose -
+    Reshape), channel ``c`` sits at index ``(c % k) * g + c // k`` of the run instead of ``c``.
+    """
 
     space: int
     offset: Fraction
     block: Fraction
+    shuffle: tuple[int, int] | None = None
+
+    def index(self, channels: np.ndarray) -> np.ndarray:
+        """Where ``channels`` sit in the run, in channel units (the shuffle applied)."""
+        if self.shuffle is None:
+            return channels
+        g, k = self.shuffle
+        return (channels % k) * g + channels // k
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """The channels must be pruned evenly over ``parts`` equal parts (a grouped Conv's groups,
+    a channel shuffle's rows) of the run they are read in: channel ``c`` is in part
+    ``index(c) // (channels / parts)``, where ``index`` applies ``shuffle`` as
+    :meth:`Segment.index` does. A pruned model keeps the parts equal and each kept channel in
+    its part (:func:`part_labels`)."""
+
+    parts: int
+    shuffle: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +104,9 @@ class ChannelState:
 @dataclasses.dataclass(frozen=True)
 class Member:
     """A constant tensor slice that belongs to a group: ``value``'s ``axis`` at ``segment``,
-    read by ``node`` at input ``index``; ``activation`` is the value a consumer layer reads."""
+    read by ``node`` at input ``index``; ``activation`` is the value a consumer layer reads.
+    ``groups`` > 1: the weight of a grouped Conv, whose input axis holds ``1 / groups`` of the
+    input channels for each group of filters (``segment`` is in input-channel positions)."""
 
     value: ir.Value
     axis: int
@@ -86,14 +115,30 @@ class Member:
     node: ir.Node
     index: int
     activation: ir.Value | None = None
+    groups: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class ShapeEdit:
-    """A Reshape whose target shape holds, at ``position``, the channel-axis size of its output."""
+    """A Reshape whose target shape holds, at ``position``, the channel-axis size of its output
+    (``source`` set: the size of ``source``'s channel axis divided by ``divisor``, as the rows
+    of a channel shuffle)."""
 
     node: ir.Node
     position: int
+    source: ir.Value | None = None
+    divisor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DimEdit:
+    """A value inside a channel shuffle whose ``axis`` is ``source``'s channel axis divided by
+    ``divisor``."""
+
+    value: ir.Value
+    axis: int
+    source: ir.Value
+    divisor: int
 
 
 @dataclasses.dataclass
@@ -107,6 +152,7 @@ class ChannelGroup:
     heads: bool
     reasons: list[str]
     spaces: set[int]
+    partitions: list[Partition] = dataclasses.field(default_factory=list)
 
     @property
     def safe(self) -> bool:
@@ -142,20 +188,37 @@ class ChannelAnalysis:
     shape_edits: list[ShapeEdit]
     group_edits: list[ir.Node]  # depthwise Convs whose ``group`` equals their input channels
     space_group: dict[int, int]  # space id -> index into groups
+    dim_edits: list[DimEdit] = dataclasses.field(default_factory=list)
 
     def group_of(self, segment: Segment) -> ChannelGroup:
         return self.groups[self.space_group[segment.space]]
 
 
 def positions(segment: Segment, unit: int, units: Sequence[int]) -> np.ndarray:
-    """Axis positions covered by whole units of ``unit`` channels laid out as ``segment``."""
+    """Axis positions covered by whole units of ``unit`` channels laid out as ``segment``, unit
+    by unit in the order given."""
     width = segment.block * unit
     if width.denominator != 1 or segment.offset.denominator != 1:
         raise ValueError(f"unit of {unit} channels does not cover whole positions of {segment}")
+    if segment.shuffle is not None and unit != 1:
+        raise ValueError(f"units of {unit} channels across a channel shuffle")
     w, off = int(width), int(segment.offset)
     if not len(units):
         return np.zeros(0, np.int64)
-    return np.concatenate([np.arange(off + u * w, off + (u + 1) * w) for u in units])
+    starts = segment.index(np.asarray(units, dtype=np.int64))
+    return np.concatenate([np.arange(off + u * w, off + (u + 1) * w) for u in starts])
+
+
+def part_labels(partition: Partition, channels: int, kept: int | None = None) -> np.ndarray:
+    """The part of each channel of a space of ``channels`` channels; with ``kept``, the part of
+    each of the ``kept`` channels the pruned model has (channel ``i`` of the pruned space)."""
+    n = channels if kept is None else kept
+    index = np.arange(n)
+    if partition.shuffle is not None:
+        g = partition.shuffle[0]
+        k = partition.shuffle[1] if kept is None else n // g
+        index = (index % k) * g + index // k
+    return index // (n // partition.parts)
 
 
 def analyze_channels(model: ir.Model) -> ChannelAnalysis:
@@ -180,6 +243,8 @@ class _Analyzer:
         self.states: dict[ir.Value, ChannelState] = {}
         self.shape_edits: list[ShapeEdit] = []
         self.group_edits: list[ir.Node] = []
+        self.dim_edits: list[DimEdit] = []
+        self.partitions: dict[int, list[Partition]] = defaultdict(list)
 
     # union-find over channel spaces
     def new_space(self, channels: int, node: ir.Node) -> int:
@@ -207,11 +272,17 @@ class _Analyzer:
                         self.reasons[segment.space].append(reason)
 
     def member(self, node: ir.Node, index: int, axis: int, state: ChannelState, role: Role,
-               activation: ir.Value | None = None) -> None:  # fmt: skip
+               activation: ir.Value | None = None, groups: int = 1) -> None:  # fmt: skip
         value = node.inputs[index]
         assert value is not None
         for segment in state.segments:
-            self.members.append(Member(value, axis, segment, role, node, index, activation))
+            self.members.append(
+                Member(value, axis, segment, role, node, index, activation, groups)
+            )
+
+    def partition(self, space: int, partition: Partition) -> None:
+        if partition not in self.partitions[space]:
+            self.partitions[space].append(partition)
 
     def run(self) -> ChannelAnalysis:
         for node in self.graph:
@@ -279,8 +350,7 @@ class _Analyzer:
                 self.out(node, scaled)
                 return
             else:
-                self.unsafe(ins, f"grouped Conv '{_name(node)}' (group={group}) needs equal "
-                                 "channel counts per group")  # fmt: skip
+                self.grouped_input(node, state, group, shape[1])
         space = self.new_space(shape[0], node)
         new = ChannelState(1, (Segment(space, Fraction(0), Fraction(1)),))
         self.member(node, 1, 0, new, "out")
@@ -290,9 +360,20 @@ class _Analyzer:
             else:
                 self.member(node, 2, 0, new, "bias")
         if group != 1:
-            self.unsafe([new], f"output of grouped Conv '{_name(node)}' (group={group}): "
-                               "channels per group must stay equal")  # fmt: skip
+            self.partition(space, Partition(group))  # each group of filters keeps as many
         self.out(node, new)
+
+    def grouped_input(self, node: ir.Node, state: ChannelState, group: int, per: int) -> None:
+        """A grouped Conv reads its input in ``group`` runs of ``per`` channels: one layer's
+        channels (shuffled or not) may be pruned evenly over the runs."""
+        segment = state.segments[0]
+        if len(state.segments) != 1 or segment.offset != 0 or segment.block != 1 or \
+                self.channels[segment.space] != group * per:  # fmt: skip
+            self.unsafe([state], f"grouped Conv '{_name(node)}' (group={group}) reads channels "
+                                 "of several layers")  # fmt: skip
+            return
+        self.member(node, 1, 1, state, "in", node.inputs[0], groups=group)
+        self.partition(segment.space, Partition(group, segment.shuffle))
 
     def visit_gemm(self, node: ir.Node, ins: Sequence[ChannelState | None]) -> None:
         weight = node.inputs[1]
@@ -398,8 +479,8 @@ class _Analyzer:
         if len(a.segments) != len(b.segments):
             return False
         for x, y in zip(a.segments, b.segments, strict=True):
-            if (x.offset, x.block) != (y.offset, y.block) or self.channels[x.space] != \
-                    self.channels[y.space]:  # fmt: skip
+            if (x.offset, x.block, x.shuffle) != (y.offset, y.block, y.shuffle) or \
+                    self.channels[x.space] != self.channels[y.space]:  # fmt: skip
                 return False
         for x, y in zip(a.segments, b.segments, strict=True):
             self.union(x.space, y.space)
@@ -709,10 +790,65 @@ class _Analyzer:
 
     def visit_reshape(self, node: ir.Node, ins: Sequence) -> None:
         state = ins[0]
+        if state is not None and not any(ins[1:]):
+            shuffle = self.channel_shuffle(node, state)
+            if shuffle is not None:
+                if shuffle:
+                    self.unsafe(ins, f"channel shuffle at Reshape '{_name(node)}' {shuffle}")
+                return
         why = self.reshape(node, state) if state is not None and not any(ins[1:]) else \
             "its target shape is computed from it"  # fmt: skip
         if why:
             self.unsafe(ins, f"Reshape '{_name(node)}' {why}")
+
+    def channel_shuffle(self, node: ir.Node, state: ChannelState) -> str | None:
+        """ShuffleNet's channel shuffle: Reshape [.., C, ..] -> [.., g, k, ..], Transpose of the
+        two, Reshape back to [.., C, ..]. None when ``node`` does not start one; "" when the
+        shuffled state is recorded on the last Reshape's output; else why it cannot be."""
+        a = state.axis
+        split = node.outputs[0]
+        in_dims, mid_dims = _dims(node.inputs[0]), _dims(split)
+        entries = _target_entries(node.inputs[1])
+        if in_dims is None or mid_dims is None or entries is None or \
+                len(mid_dims) != len(in_dims) + 1 or len(split.uses()) != 1 or \
+                split.is_graph_output():  # fmt: skip
+            return None
+        transpose = split.uses()[0][0]
+        perm = list(range(len(mid_dims)))
+        perm[a], perm[a + 1] = a + 1, a
+        swapped = transpose.outputs[0]
+        if transpose.op_type != "Transpose" or transpose.domain not in ("", "ai.onnx") or \
+                list(transpose.attributes.get_ints("perm", [])) != perm or \
+                len(swapped.uses()) != 1 or swapped.is_graph_output():  # fmt: skip
+            return None
+        merge = swapped.uses()[0][0]
+        merged = merge.outputs[0]
+        g, k, channels = mid_dims[a], mid_dims[a + 1], in_dims[a]
+        others = _all_same(mid_dims[:a] + mid_dims[a + 2 :], in_dims[:a] + in_dims[a + 1 :])
+        if merge.op_type != "Reshape" or merge.domain not in ("", "ai.onnx") or not others or \
+                not _all_same(_dims(merged) or [], in_dims) or not isinstance(g, int) or \
+                not isinstance(k, int) or g * k != channels:  # fmt: skip
+            return None
+        target = _target_entries(merge.inputs[1])
+        if merge.inputs[1] in self.states or target is None or len(target) != len(in_dims) or \
+                len(entries) != len(mid_dims) or target[a] is None or \
+                target[a] == 0 or entries[a] != g or entries[a + 1] not in (k, -1):  # fmt: skip
+            return "has a shape the analysis cannot read"
+        segment = state.segments[0]
+        whole = segment.offset == 0 and segment.block == 1 and segment.shuffle is None
+        if len(state.segments) != 1 or not whole or self.channels[segment.space] != channels:
+            return "mixes channels of several layers (or shuffles them twice)"
+        source = node.inputs[0]
+        assert source is not None
+        if entries[a + 1] == k:
+            self.shape_edits.append(ShapeEdit(node, a + 1, source, g))
+        if target[a] == channels:
+            self.shape_edits.append(ShapeEdit(merge, a))
+        self.dim_edits += [DimEdit(split, a + 1, source, g), DimEdit(swapped, a, source, g)]
+        self.partition(segment.space, Partition(g))  # the rows must stay equal
+        shuffled = Segment(segment.space, Fraction(0), Fraction(1), (g, k))
+        self.out(merge, ChannelState(a, (shuffled,)))
+        return ""
 
     def reshape(self, node: ir.Node, state: ChannelState) -> str | None:
         src, out = node.inputs[0], node.outputs[0]
@@ -795,8 +931,8 @@ class _Analyzer:
         for members in by_slot.values():
             for i, x in enumerate(members):
                 for y in members[i + 1 :]:
-                    same = (x.segment.offset, x.segment.block) == (y.segment.offset,
-                                                                    y.segment.block)  # fmt: skip
+                    same = (x.segment.offset, x.segment.block, x.segment.shuffle) == (
+                        y.segment.offset, y.segment.block, y.segment.shuffle)  # fmt: skip
                     if same and self.channels[x.segment.space] == self.channels[y.segment.space]:
                         self.union(x.segment.space, y.segment.space)
                         continue
@@ -852,12 +988,19 @@ class _Analyzer:
                 if key not in seen:
                     seen.add(key)
                     members.append(m)
+            shuffled = False
             for segment in [m.segment for m in members] + segments_of[root]:
                 unit = math.lcm(unit, segment.block.denominator)
+                shuffled = shuffled or segment.shuffle is not None
                 if segment.offset.denominator != 1:
                     reasons.append("channel blocks do not line up with a reshape")
             if channels % unit:
                 reasons.append(f"{channels} channels do not split into units of {unit}")
+            partitions: list[Partition] = []
+            for space in spaces:
+                partitions += [p for p in self.partitions.get(space, []) if p not in partitions]
+            if (partitions or shuffled) and unit != 1:
+                reasons.append("grouped or shuffled channels split into heads")
             index = len(groups)
             for space in spaces:
                 space_group[space] = index
@@ -869,9 +1012,10 @@ class _Analyzer:
                 heads=any(s in self.heads for s in spaces),
                 reasons=reasons[:MAX_REASONS] if reasons else [],
                 spaces=set(spaces),
+                partitions=partitions,
             ))  # fmt: skip
         return ChannelAnalysis(groups, self.states, self.shape_edits, self.group_edits,
-                               space_group)  # fmt: skip
+                               space_group, self.dim_edits)  # fmt: skip
 
 
 _HANDLERS = {
@@ -904,7 +1048,7 @@ def _name(node: ir.Node) -> str:
 
 def _scale(state: ChannelState, factor: Fraction) -> ChannelState:
     return ChannelState(state.axis, tuple(
-        Segment(s.space, s.offset * factor, s.block * factor) for s in state.segments
+        Segment(s.space, s.offset * factor, s.block * factor, s.shuffle) for s in state.segments
     ))  # fmt: skip
 
 

@@ -6,8 +6,10 @@ the next layer's input slices, the other branch of a residual Add, the Q/K/V/out
 of one attention head, ...). For each safe group the pass ranks its units (channels, or whole
 heads) by an importance score, removes the lowest ``ratio`` share, and physically slices every
 member tensor, the depthwise ``group`` attributes and the Reshape shape constants that hold the
-group's size; intermediate value shapes are updated to match. Groups the analysis cannot prove
-safe are left whole and listed in the notes with the reason.
+group's size; intermediate value shapes are updated to match. Channels made or read by grouped
+Convs are removed evenly per group, and behind a channel shuffle the kept channels are
+reordered as the smaller shuffle lays them out (:func:`even_keep` picks such a set). Groups the
+analysis cannot prove safe are left whole and listed in the notes with the reason.
 
 What it promises: the pruned model computes exactly what the input model computes with the
 removed channels' contributions to the next layers set to zero (their input slices of the
@@ -37,7 +39,10 @@ from onnx_ir.passes import common as common_passes
 from onnxcomp.analysis.channels import (
     ChannelAnalysis,
     ChannelGroup,
+    Member,
+    Partition,
     analyze_channels,
+    part_labels,
     positions,
     target_sources,
 )
@@ -143,7 +148,16 @@ class ChannelPrunePass(CompressionPass):
                 notes.append(f"group {group.name}: kept all {group.channels} channels "
                              f"(ratio {o.ratio}, round_to {o.round_to})")  # fmt: skip
                 continue
-            drop = np.setdiff1d(np.arange(group.units), top_units(score, keep))
+            kept = top_units(score, keep)
+            if group.partitions:
+                kept = even_keep(score, group.partitions, keep, o.round_to, o.min_channels)
+                if kept is None:
+                    notes.append(f"group {group.name}: no even split of its {group.channels} "
+                                 "channels over its Conv groups / shuffle rows keeps "
+                                 f"fewer")  # fmt: skip
+                    continue
+                keep = len(kept)
+            drop = np.setdiff1d(np.arange(group.units), kept)
             removed[index] = drop
             label = f"{group.channels}->{keep * group.unit}"
             if group.heads:
@@ -246,6 +260,70 @@ def top_units(score: np.ndarray, keep: int) -> np.ndarray:
     return np.sort(order[:keep])
 
 
+def even_keep(
+    score: np.ndarray,
+    partitions: Sequence[Partition],
+    keep: int,
+    round_to: int = 1,
+    min_channels: int = 1,
+) -> np.ndarray | None:
+    """The channels (ascending) to keep of a group whose channels a grouped Conv or a channel
+    shuffle reads in ``partitions``: about ``keep`` of them, the highest-scoring set for which
+    the pruned model still has equal parts and every kept channel in its own part.
+
+    The kept channels keep their order, so the ``i``-th kept channel must lie in the part the
+    ``i``-th channel of the pruned space falls in (:func:`part_labels`). A dynamic programme
+    picks the best increasing sequence with these labels; kept counts that allow none are
+    skipped, nearest to ``keep`` first. None when no count below all of them works."""
+    channels = len(score)
+    step = math.lcm(round_to, *(p.parts for p in partitions),
+                    *(p.shuffle[0] for p in partitions if p.shuffle))  # fmt: skip
+    counts = [k for k in range(step, channels, step) if k >= min(min_channels, channels - 1)]
+    counts.sort(key=lambda k: (abs(k - keep), -k))
+
+    def code(labels: list[np.ndarray]) -> np.ndarray:
+        return np.ravel_multi_index(labels, [p.parts for p in partitions])
+
+    have = code([part_labels(p, channels) for p in partitions])
+    for k in counts:
+        want = code([part_labels(p, channels, k) for p in partitions])
+        kept = _best_sequence(np.asarray(score, dtype=np.float64), have, want)
+        if kept is not None:
+            return kept
+    return None
+
+
+DP_LIMIT = 1 << 24  # cells of the dynamic programme's table (128 MiB of float64)
+
+
+def _best_sequence(score: np.ndarray, have: np.ndarray, want: np.ndarray) -> np.ndarray | None:
+    """Increasing indices ``c_0 < c_1 < ...`` with ``have[c_i] == want[i]`` and the largest
+    total score; None when there are none (or the table would exceed DP_LIMIT)."""
+    if (np.diff(have) >= 0).all() and (np.diff(want) >= 0).all():
+        # Each label's channels are one run, in the order the labels are wanted (the usual
+        # case: parts listed outermost first): the best of each run, as many as wanted.
+        picked = []
+        for label, count in zip(*np.unique(want, return_counts=True), strict=True):
+            run = np.flatnonzero(have == label)
+            if len(run) < count:
+                return None
+            picked.append(run[top_units(score[run], int(count))])
+        return np.sort(np.concatenate(picked))
+    if len(want) * len(score) > DP_LIMIT:
+        return None
+    best = np.full((len(want), len(score)), -np.inf)
+    for i, label in enumerate(want):
+        before = np.maximum.accumulate(best[i - 1]) if i else np.zeros(len(score))
+        reach = np.concatenate([[-np.inf], before[:-1]]) if i else before
+        best[i] = np.where(have == label, reach + score, -np.inf)
+    if not np.isfinite(best[-1]).any():
+        return None
+    picked = [int(np.argmax(best[-1]))]
+    for i in range(len(want) - 2, -1, -1):
+        picked.append(int(np.argmax(best[i, : picked[-1]])))
+    return np.asarray(picked[::-1])
+
+
 def member_scores(group: ChannelGroup, role: str, norm: Literal["l1", "l2"]) -> np.ndarray | None:
     """Per-unit l1 (or l2) norm of the group's member slices of ``role``; None if it has none."""
     total = np.zeros(group.units, np.float64)
@@ -329,18 +407,22 @@ def apply_removal(
     model: ir.Model, analysis: ChannelAnalysis, removed: dict[int, np.ndarray]
 ) -> None:
     """Remove ``removed`` units (group index -> unit indices) from every tensor, attribute,
-    shape constant and value shape that holds them."""
-    cuts: dict[ir.Value, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
-    for index, units in removed.items():
-        group = analysis.groups[index]
-        for member in group.members:
-            cuts[member.value][member.axis].update(
-                positions(member.segment, group.unit, units).tolist()
-            )
-    for value, axes in cuts.items():
+    shape constant and value shape that holds them. Slices behind a channel shuffle are
+    reordered as the pruned shuffle lays the kept channels out."""
+    slots: dict[ir.Value, dict[int, list[Member]]] = defaultdict(lambda: defaultdict(list))
+    for index in removed:
+        for member in analysis.groups[index].members:
+            slots[member.value][member.axis].append(member)
+    for value, axes in slots.items():
         array = value.const_value.numpy()
-        for axis, cut in axes.items():
-            array = np.delete(array, sorted(cut), axis=axis)
+        # A grouped Conv's input axis first: its groups of filters are the rows as they were.
+        for axis in sorted(axes, key=lambda ax: -max(m.groups for m in axes[ax])):
+            members = axes[axis]
+            grouped = max(m.groups for m in members)
+            length = array.shape[axis] * grouped
+            order = _kept_positions(analysis, removed, members, length)
+            array = _take_grouped(array, order, grouped) if grouped > 1 else \
+                np.take(array, order, axis=axis)  # fmt: skip
         # A new tensor, never a write into the old one: loaded tensors are read-only views.
         value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
         value.shape = ir.Shape(array.shape)
@@ -362,16 +444,67 @@ def apply_removal(
             dims = list(value.shape)
             dims[state.axis] = dims[state.axis] - n
             value.shape = ir.Shape(dims)
+    for edit in analysis.dim_edits:
+        n = removed_on(edit.source) // edit.divisor
+        if n and edit.value.shape is not None and isinstance(edit.value.shape[edit.axis], int):
+            dims = list(edit.value.shape)
+            dims[edit.axis] -= n
+            edit.value.shape = ir.Shape(dims)
     for node in analysis.group_edits:
         n = removed_on(node.inputs[0])
         if n:
             group = node.attributes.get_int("group", 1)
             node.attributes["group"] = ir.AttrInt64("group", group - n)
     editor = _ShapeEditor(model.graph)
-    for edit in analysis.shape_edits:
-        n = removed_on(edit.node.outputs[0])
+    for shape_edit in analysis.shape_edits:
+        n = removed_on(shape_edit.source or shape_edit.node.outputs[0]) // shape_edit.divisor
         if n:
-            editor.shrink(edit.node, edit.position, n)
+            editor.shrink(shape_edit.node, shape_edit.position, n)
+
+
+def _kept_positions(
+    analysis: ChannelAnalysis, removed: dict[int, np.ndarray], members: list[Member], length: int
+) -> np.ndarray:
+    """The positions of an axis of ``length`` that stay, in their new order: each pruned
+    segment's kept channels (laid out as a pruned channel shuffle would), the rest as they are."""
+    runs: dict[int, np.ndarray] = {}  # start -> positions that replace the segment's run
+    ends: dict[int, int] = {}
+    for member in members:
+        segment = member.segment
+        index = analysis.space_group[segment.space]
+        if index not in removed:
+            continue
+        group = analysis.groups[index]
+        kept = np.setdiff1d(np.arange(group.units), removed[index])
+        if segment.shuffle is not None:
+            # The pruned shuffle has rows of len(kept) / g: kept channel i moves to index
+            # (i % k') * g + i // k'; read the original positions in that order.
+            g = segment.shuffle[0]
+            k = len(kept) // g
+            i = np.arange(len(kept))
+            kept = kept[np.argsort((i % k) * g + i // k)]
+        start = int(segment.offset)
+        runs[start] = positions(segment, group.unit, kept)
+        ends[start] = start + int(group.channels * segment.block)
+    pieces, at = [], 0
+    for start in sorted(runs):
+        pieces += [np.arange(at, start), runs[start]]
+        at = ends[start]
+    pieces.append(np.arange(at, length))
+    return np.concatenate(pieces).astype(np.int64)
+
+
+def _take_grouped(array: np.ndarray, order: np.ndarray, groups: int) -> np.ndarray:
+    """A grouped Conv weight [O, C / groups, ...] reading the input channels ``order`` (input
+    positions, in their new order): each group of filters keeps its own share."""
+    rows, per = array.shape[0] // groups, array.shape[1]
+    share = len(order) // groups
+    parts = []
+    for r in range(groups):
+        columns = order[r * share : (r + 1) * share] - r * per
+        assert ((columns >= 0) & (columns < per)).all(), "channel left its Conv group"
+        parts.append(array[r * rows : (r + 1) * rows][:, columns])
+    return np.concatenate(parts, axis=0)
 
 
 class _ShapeEditor:

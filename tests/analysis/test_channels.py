@@ -11,13 +11,20 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_ir.passes import common as common_passes
 
-from onnxcomp.analysis.channels import ChannelGroup, Segment, analyze_channels, positions
+from onnxcomp.analysis.channels import (
+    ChannelGroup,
+    Partition,
+    Segment,
+    analyze_channels,
+    positions,
+)
 from tests.conftest import MODELS, conv_bn_residual_model
 from tests.robustness_models import (
     grouped_conv_model,
     inception_model,
     mobilenet_v2_model,
     shared_weight_model,
+    shuffle_unit_model,
 )
 
 
@@ -112,11 +119,27 @@ def test_depthwise_conv_joins_the_group_that_feeds_it():
     assert len(analysis.group_edits) == 2
 
 
-def test_grouped_conv_is_unsafe_on_both_sides():
+def test_grouped_conv_splits_both_sides_into_parts_pruned_evenly():
     analysis = _analyze(grouped_conv_model())
-    reasons = [r for g in analysis.groups for r in g.reasons]
-    assert any("grouped Conv" in r and "group=2" in r for r in reasons)
-    assert any(r.startswith("output of grouped Conv") for r in reasons)
+    grouped = [g for g in analysis.groups if g.partitions]
+    # the Conv before it (read in 2 runs of 4) and its own output (2 groups of 4 filters)
+    assert len(grouped) == 2 and all(g.safe and g.channels == 8 for g in grouped)
+    assert all(g.partitions == [Partition(2)] for g in grouped)
+    reader = [m for g in grouped for m in g.members if m.groups == 2]
+    assert len(reader) == 1 and reader[0].axis == 1 and reader[0].role == "in"
+
+
+def test_channel_shuffle_is_followed_with_its_permutation_and_parts():
+    analysis = _analyze(shuffle_unit_model())
+    (group,) = [g for g in analysis.groups if g.channels == 30]
+    # the grouped Conv making it (3 groups = the shuffle's 3 rows), the one reading it
+    assert group.safe and group.partitions == [Partition(3), Partition(3, (3, 10))]
+    (dw,) = [m for m in group.members if m.role == "depthwise" and m.index == 1]
+    assert dw.segment.shuffle == (3, 10)
+    assert positions(dw.segment, 1, [0, 1, 10, 29]).tolist() == [0, 3, 1, 29]
+    assert [e.position for e in analysis.shape_edits] == [2, 1]  # rows of 10, then 30
+    assert [e.divisor for e in analysis.shape_edits] == [3, 1]
+    assert [e.axis for e in analysis.dim_edits] == [2, 1]
 
 
 def test_weight_used_twice_couples_its_input_and_output_channels():

@@ -20,8 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxcomp
 from onnxcomp import quant, registry
 from onnxcomp.errors import UnsupportedModelError, UsageError
+from onnxcomp.instrument import min_cosine
 from onnxcomp.passes import WeightQuantizeOptions, WeightQuantizePass
 from tests.conftest import LOSS_ALLOWED, MODELS, conv_bn_residual_model, run_onnx
+from tests.matrix_cases import zoo_layout
 
 RNG = np.random.default_rng(0)
 
@@ -105,7 +107,9 @@ def test_int8_replaces_each_weight_by_per_channel_int8_dequantize():
         assert list(scale.dims) == [q.dims[axis]] and len(dq.input) == 2  # symmetric
     assert result.stats["weights_quantized"] == 4 and result.stats["bits"] == 8
     before, after = result.stats["weight_bytes_before"], result.stats["weight_bytes_after"]
-    assert after < 0.3 * before and not result.notes  # opset 17: no upgrade needed
+    assert after < 0.3 * before  # opset 17: no upgrade needed; the BatchNorms fold first
+    assert result.notes == ["folded 4 BatchNormalization into the layers before them"]
+    assert "BatchNormalization" not in {n.op_type for n in quantized.graph.node}
     x = RNG.standard_normal((5, 1, 4, 4)).astype(np.float32)
     (want,), (got,) = run_onnx(original, {"x": x}), run_onnx(quantized, {"x": x})
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
@@ -467,3 +471,133 @@ def test_include_embeddings_false_keeps_the_slice_table_float_too():
     quantized, result = _quantize(_position_table_model(), include_embeddings=False)
     assert {"tok", "pos"} <= _initializers(quantized).keys()
     assert any("include_embeddings=false" in n and "pos" in n for n in result.notes)
+
+
+def _bn_inits(prefix: str, n: int, var: float | None = None) -> dict[str, np.ndarray]:
+    return {
+        f"{prefix}.scale": RNG.uniform(0.5, 1.5, n).astype(np.float32),
+        f"{prefix}.bias": RNG.uniform(-0.5, 0.5, n).astype(np.float32),
+        f"{prefix}.mean": RNG.uniform(-1, 1, n).astype(np.float32),
+        f"{prefix}.var": (RNG.uniform(0.5, 2.0, n) if var is None else np.full(n, var)).astype(
+            np.float32
+        ),
+    }
+
+
+def _bn(prefix: str, x: str, y: str) -> onnx.NodeProto:
+    inputs = [x] + [f"{prefix}.{k}" for k in ("scale", "bias", "mean", "var")]
+    return helper.make_node("BatchNormalization", inputs, [y], name=prefix)
+
+
+def _densenet_like_model(var: float | None = None, gamma: float = 1.0) -> onnx.ModelProto:
+    """Both BatchNorm layouts of the zoo's DenseNet (Caffe): Conv -> BN -> Mul -> Add (a Scale
+    layer) -> Relu, and the pre-activation BN after a Concat, with nothing to fold into:
+    Concat -> BN -> Mul -> Add -> Relu -> Conv. ``var`` sets the second BN's variances,
+    ``gamma`` multiplies its scales."""
+    inits = {
+        "w1": RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3,
+        "w2": RNG.standard_normal((4, 11, 1, 1)).astype(np.float32) * 0.3,
+        "g1": RNG.uniform(0.5, 1.5, (8, 1, 1)).astype(np.float32),
+        "b1": RNG.uniform(-0.5, 0.5, (8, 1, 1)).astype(np.float32),
+        "g2": RNG.uniform(0.5, 1.5, (11, 1, 1)).astype(np.float32),
+        "b2": RNG.uniform(-0.5, 0.5, (11, 1, 1)).astype(np.float32),
+        **_bn_inits("bn1", 8),
+        **_bn_inits("bn2", 11, var),
+    }
+    inits["bn2.scale"] *= np.float32(gamma)
+    return _make(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+            _bn("bn1", "c1", "n1"),
+            helper.make_node("Mul", ["n1", "g1"], ["m1"], name="scale1"),
+            helper.make_node("Add", ["m1", "b1"], ["a1"], name="shift1"),
+            helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+            helper.make_node("Concat", ["x", "r1"], ["cat"], name="concat", axis=1),
+            _bn("bn2", "cat", "n2"),
+            helper.make_node("Mul", ["g2", "n2"], ["m2"], name="scale2"),
+            helper.make_node("Add", ["m2", "b2"], ["a2"], name="shift2"),
+            helper.make_node("Relu", ["a2"], ["r2"], name="relu2"),
+            helper.make_node("Conv", ["r2", "w2"], ["y"], name="conv2"),
+        ],
+        [("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        ["y"],
+        inits,
+        opset=13,
+    )
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def test_int8_folds_batchnorm_and_scale_after_conv_and_compacts_the_one_after_concat():
+    original = _densenet_like_model()
+    quantized, result = _quantize(original)
+    ops = _ops(quantized)
+    # bn1 + scale1/shift1 went into conv1; bn2 + scale2/shift2 became one x*s+b
+    assert "BatchNormalization" not in ops and ops.count("Mul") == 1 and ops.count("Add") == 1
+    assert result.stats["batchnorms_folded"] == 1 and result.stats["affines_folded"] == 2
+    assert result.stats["batchnorms_compacted"] == 1
+    inits = _initializers(quantized)
+    vectors = [inits[n] for n in ("bn2_scale", "bn2_shift")]
+    assert all(t.data_type == TensorProto.FLOAT16 and list(t.dims) == [11, 1, 1] for t in vectors)
+    # 2 float16 vectors where the BN and its Scale layer held 6 float ones
+    assert sum(len(t.raw_data) for t in vectors) == 2 * 11 * 2
+    assert not {"bn2.scale", "bn2.var", "g2", "b2", "g1", "b1"} & set(inits)
+    x = RNG.standard_normal((4, 3, 6, 6)).astype(np.float32)
+    (want,), (got,) = run_onnx(original, {"x": x}), run_onnx(quantized, {"x": x})
+    assert _cosine(got, want) >= 0.999 and np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_batchnorm_compaction_alone_moves_outputs_by_float16_rounding_only():
+    original = _densenet_like_model()
+    kept, _ = _quantize(original, batchnorm="keep")
+    compact, _ = _quantize(original, batchnorm="compact")
+    assert _ops(kept).count("BatchNormalization") == 2
+    x = RNG.standard_normal((4, 3, 6, 6)).astype(np.float32)
+    (want,), (got,) = run_onnx(kept, {"x": x}), run_onnx(compact, {"x": x})
+    # the same int8 codes (per-channel scales absorb the folded factors); the s, b vectors
+    # carry float16's relative rounding (2**-11) into the last conv
+    assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
+
+
+def test_batchnorm_vectors_beyond_float16_range_stay_float32():
+    # s = gamma / sqrt(var + 1e-5) > 3e5, beyond float16's 65504
+    quantized, result = _quantize(_densenet_like_model(var=0.0, gamma=1000.0))
+    inits = _initializers(quantized)
+    assert result.stats["batchnorms_compacted"] == 1 and "Cast" not in _ops(quantized)
+    assert inits["bn2_scale"].data_type == TensorProto.FLOAT
+
+
+def test_per_tensor_int8_leaves_batchnorm_unfolded_and_batchnorm_fold_keeps_the_rest():
+    _, result = _quantize(_densenet_like_model(), per_channel=False)
+    assert result.stats["batchnorms_folded"] == 0 and result.stats["batchnorms_compacted"] == 2
+    assert any("per-tensor scales" in n for n in result.notes)
+    quantized, result = _quantize(_densenet_like_model(), batchnorm="fold")
+    assert _ops(quantized).count("BatchNormalization") == 1  # the one after the Concat
+
+
+@pytest.mark.parametrize(
+    ("name", "ratio"),
+    [("shufflenet", 0.27), ("densenet121", 0.26)],  # measured 0.267x and 0.252x
+)
+def test_int8_zoo_models_shrink_to_about_a_quarter_batchnorms_included(
+    name: str, ratio: float, tmp_path: Path
+):
+    """ShuffleNet's BatchNorms follow grouped Convs; 62 of DenseNet-121's follow a Concat or a
+    pooling (nothing to fold into) and 59 more carry a Caffe Scale layer (Mul, Add)."""
+    source, output = tmp_path / f"{name}.onnx", tmp_path / "int8.onnx"
+    onnx.save(zoo_layout(name), source)
+    _, report = onnxcomp.optimize(source, "int8", output=output)
+    assert report.file_bytes_after <= ratio * source.stat().st_size
+    assert min_cosine(report.records[0].check) >= 0.999  # measured 0.99999 and 0.99985
+    ops = {n.op_type for n in onnx.load(output).graph.node}
+    assert "BatchNormalization" not in ops
+
+
+def test_ternary_keeps_batchnorms_for_distillation_to_fine_tune():
+    quantized, result = _quantize(_densenet_like_model(), bits=2, scheme="ternary")
+    assert _ops(quantized).count("BatchNormalization") == 2
+    assert "batchnorms_folded" not in result.stats
+    quantized, _ = _quantize(_densenet_like_model(), bits=2, scheme="ternary", batchnorm="compact")
+    assert "BatchNormalization" not in _ops(quantized)
