@@ -15,6 +15,9 @@ import ml_dtypes
 import numpy as np
 
 Reducer = Callable[..., np.ndarray]
+# Elements of a weight coded at once by :func:`by_groups`: the float64 temporaries of the
+# functions here (several times the chunk) stay in the tens of MB whatever the weight's size.
+CHUNK_ELEMENTS = 1 << 21
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -132,6 +135,39 @@ def quantize(
     if zero_point is not None:
         q = q + expand(zero_point.astype(np.float64), shape, axis, block_size)
     return np.clip(q, qmin, qmax).astype(np.int8)
+
+
+def by_groups(
+    code: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    w: np.ndarray,
+    *,
+    axis: int | None,
+    block_size: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``code(w) -> (codes, scale, zero_point or None)`` applied to slices of ``w`` along
+    ``axis`` of about :data:`CHUNK_ELEMENTS` elements that split no group sharing a parameter
+    (a channel, a block), and joined: the same result as ``code(w)`` in the memory of a
+    slice. Per-tensor layouts (``axis=None``) are one group, coded whole."""
+    w = np.asarray(w)
+    if axis is None or w.size <= CHUNK_ELEMENTS or w.shape[axis] <= 1:
+        return code(w)
+    length = w.shape[axis]
+    step = max(1, CHUNK_ELEMENTS * length // w.size)
+    if block_size:
+        step = max(block_size, step // block_size * block_size)
+    codes = np.empty(w.shape, dtype=np.int8)
+    scales, zeros = [], []
+    index: list = [slice(None)] * w.ndim
+    for start in range(0, length, step):
+        index[axis] = slice(start, min(start + step, length))
+        part_codes, scale, zero_point = code(w[tuple(index)])
+        codes[tuple(index)] = part_codes
+        scales.append(scale)
+        zeros.append(zero_point)
+    # Per channel, parameters are 1-D along the channels; per block they keep w's rank.
+    joined = 0 if not block_size else axis
+    zero_point = None if zeros[0] is None else np.concatenate(zeros, axis=joined)
+    return codes, np.concatenate(scales, axis=joined), zero_point
 
 
 def dequantize(

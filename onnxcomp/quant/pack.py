@@ -5,13 +5,29 @@ from __future__ import annotations
 
 import numpy as np
 
+# Values packed at once: the int64 temporaries stay small for a big weight.
+CHUNK = 1 << 22
+
 
 def pack(values: np.ndarray, bits: int) -> np.ndarray:
     """Pack signed ``bits``-bit integers (4 or 2) into a flat uint8 array."""
     if bits not in (2, 4):
         raise ValueError(f"only 2- and 4-bit values are packed, not {bits}")
+    flat = np.asarray(values).reshape(-1)
+    if flat.size <= CHUNK:
+        return _pack(flat, bits)
+    out = np.empty(-(-flat.size * bits // 8), dtype=np.uint8)
+    per_chunk = CHUNK * bits // 8  # bytes: CHUNK is a multiple of every per-byte count
+    for start in range(0, flat.size, CHUNK):
+        out[start * bits // 8 : start * bits // 8 + per_chunk] = _pack(
+            flat[start : start + CHUNK], bits
+        )
+    return out
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     per_byte = 8 // bits
-    flat = np.asarray(values).reshape(-1).astype(np.int64)
+    flat = values.astype(np.int64)
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if flat.size and (flat.min() < low or flat.max() > high):
         raise ValueError(f"values outside the {bits}-bit range [{low}, {high}]")
