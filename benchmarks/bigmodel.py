@@ -100,23 +100,23 @@ def build(folder: Path, gigabytes: float, seed: int = 0) -> Path:
         # [B, S, H] -> Gemm on [B*S, H] -> Conv over the sequence as [B, H, S, 1].
         nodes += [
             helper.make_node("Reshape", [x, small("flat_shape", np.array([-1, hidden]))],
-                             ["flat"], name="flatten"),  # fmt: skip
+                             ["flat"], name="flatten"),
             helper.make_node("Gemm", ["flat", weight("proj", (hidden, hidden), hidden),
                                       small("proj_bias", np.zeros(hidden, np.float32))],
-                             ["proj_out"], name="proj", transB=1),  # fmt: skip
+                             ["proj_out"], name="proj", transB=1),
             helper.make_node("Shape", ["ids"], ["ids_shape"], name="ids_shape"),
             helper.make_node("Concat", ["ids_shape", small("h_dim", np.array([hidden]))],
-                             ["bsh"], name="bsh", axis=0),  # fmt: skip
+                             ["bsh"], name="bsh", axis=0),
             helper.make_node("Reshape", ["proj_out", "bsh"], ["proj3"], name="unflatten"),
             helper.make_node("Transpose", ["proj3"], ["bhs"], name="to_nchw", perm=[0, 2, 1]),
             helper.make_node("Unsqueeze", ["bhs", small("axis3", np.array([3]))], ["bhs1"],
-                             name="add_w"),  # fmt: skip
+                             name="add_w"),
             helper.make_node("Conv", ["bhs1", weight("conv", (hidden, hidden, 3, 1), 3 * hidden)],
-                             ["conv_out"], name="conv", pads=[1, 0, 1, 0]),  # fmt: skip
+                             ["conv_out"], name="conv", pads=[1, 0, 1, 0]),
             helper.make_node("ReduceMean", ["conv_out", small("axes", np.array([2, 3]))],
-                             ["pooled"], name="pool", keepdims=0),  # fmt: skip
+                             ["pooled"], name="pool", keepdims=0),
             helper.make_node("MatMul", ["pooled", weight("head", (hidden, 1000), hidden)],
-                             ["logits"], name="head"),  # fmt: skip
+                             ["logits"], name="head"),
         ]
     graph = helper.make_graph(
         nodes,
@@ -142,7 +142,8 @@ def measure(command: list[str], env: dict[str, str]) -> dict[str, Any]:
         "seconds": time.perf_counter() - started,
         "peak_rss_bytes": usage.ru_maxrss * 1024,
         "rc": child.returncode,
-        "error": stderr.decode(errors="replace").strip().splitlines()[-1:] if child.returncode else [],
+        "error": stderr.decode(errors="replace").strip().splitlines()[-1:] if child.returncode
+        else [],
     }
 
 
@@ -157,7 +158,7 @@ for name in sys.argv[1:]:
 
 
 def files_of(model: Path) -> list[Path]:
-    return [model] + sorted(model.parent.glob(model.name + ".data"))
+    return [model, *sorted(model.parent.glob(model.name + ".data"))]
 
 
 def cpu_name() -> str:

@@ -73,7 +73,7 @@ FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
 HALF_TYPE = "tensor(float16)"
 PROBE_BATCH = 8
 PROBE_ROUNDS = 4
-_CHUNK = 1 << 24  # elements per chunk of the range check
+_CHUNK = 1 << 20  # elements per chunk of the range check
 REMAINING_NONFINITE = "new NaN/Inf may remain on the probe data; see the numeric check"
 # Ops whose output type comes from an attribute, which the rewrite points at float16.
 _DTYPE_DEFAULT_FLOAT = {"RandomNormal", "RandomUniform"}

@@ -28,6 +28,7 @@ tensor past :data:`ZIP_SAMPLE_BYTES` is estimated from evenly spaced chunks of i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
@@ -146,7 +147,7 @@ class MagnitudePrunePass(CompressionPass):
         if o.scope == "global":
             keep = masks.global_magnitude_masks(list(scores), o.sparsity)
         else:  # one tensor at a time: write_masks draws each mask as it gets to its tensor
-            keep = (masks.magnitude_mask(s, o.sparsity) for s in scores)
+            keep = map(functools.partial(masks.magnitude_mask, sparsity=o.sparsity), scores)
         stats = {"target_sparsity": o.sparsity, "scope": o.scope}
         if o.importance != "magnitude":
             stats["importance"] = o.importance
@@ -274,7 +275,9 @@ def write_masks(
     tensor's score, mask and pruned copy exist at a time."""
     per_tensor: dict[str, float] = {}
     zeros = total = rewritten = dense_bytes = zip_before = zip_after = 0
-    for weight, mask in zip(weights, keep, strict=True):
+    drawn = iter(keep)
+    for weight in weights:  # not zip(): it would keep the last mask alive while drawing one
+        mask = next(drawn)
         pruned, new_zeros, old_zeros, old_zip = _pruned(weight, mask)
         del mask
         per_tensor[weight.name] = round(new_zeros / max(pruned.size, 1), 4)
@@ -291,6 +294,7 @@ def write_masks(
         # A new tensor, never a write into the old one: loaded tensors are read-only file views.
         set_weight(weight.value, ir.tensor(pruned))
         rewritten += 1
+        del pruned  # before the next mask is drawn
     stats = {
         **stats,
         "tensors": rewritten,
