@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     input_bytes = sum(f.stat().st_size for f in files_of(model))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     read_once = measure([sys.executable, "-c", READ_ONCE, *map(str, files_of(model))], env)
+    # What any onnxcomp command holds before it reads a model: Python, numpy, onnx, ORT.
+    imports = measure([sys.executable, "-m", "onnxcomp", "passes"], env)
     rows = []
     for name in args.passes.split(","):
         output = args.dir / f"out_{name}.onnx"
@@ -211,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                   format_bytes(read_once["peak_rss_bytes"]),
                   f"{read_once['peak_rss_bytes'] / input_bytes:.2f}",
                   format_bytes(input_bytes))  # fmt: skip
+    table.add_row("(imports only)", f"{imports['seconds']:.1f}", "-",
+                  format_bytes(imports["peak_rss_bytes"]),
+                  f"{imports['peak_rss_bytes'] / input_bytes:.2f}", "-")  # fmt: skip
     for row in rows:
         if row["rc"]:
             table.add_row(row["pass"], f"{row['seconds']:.1f}", "-", "-", "-",
@@ -227,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     out.print(table)
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_name(), "input_bytes": input_bytes,
-                                         "read_once": read_once, "rows": rows}, indent=1))
+                                         "read_once": read_once, "imports": imports,
+                                         "rows": rows}, indent=1))
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
     return 0

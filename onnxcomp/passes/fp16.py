@@ -39,6 +39,11 @@ counts any new NaN/Inf the CPU run does show (stored weights that underflow, for
 Outputs move by float16 rounding: on the demo models the output cosine stays >= 0.9999, the
 worst error <= 2e-3 * max|output| and top-1 accuracy is unchanged.
 
+Initializers are range-checked and converted one at a time, each source released once read and
+each new tensor handed to the pipeline's scratch data when it streams a big model (see
+:mod:`onnxcomp.passes._weights`); the activation probe (``--data``) runs the whole model in
+ONNX Runtime, so it is for models that fit in memory.
+
 bfloat16 is not offered: ONNX Runtime 1.32's CPU provider has no bfloat16 kernels for Add,
 Mul, MatMul, Gemm, Conv, Relu, Softmax, ... and, unlike float16, does not insert Casts for
 them, so a bfloat16 model does not load on CPU.

@@ -12,6 +12,12 @@ model whose opset is too old for the quantised form is
 upgraded with onnx's version converter (and the notes say so), or the pass fails with
 :class:`UnsupportedModelError`. Weights already quantised are left as they are.
 
+Weights are quantised one at a time, each a slice of channels or blocks at a time
+(:func:`onnxcomp.quant.by_groups`), the float source released once read and the codes handed
+to the pipeline's scratch data when it streams a big model (:mod:`onnxcomp.passes._weights`):
+memory stays within a few tensors whatever the model's size (gptq/awq excepted: their
+statistics come from running the model).
+
 Outputs move: linear quantisation keeps each weight within half a quantisation step
 (``|w - w'| <= scale / 2``); binary and ternary weights lose accuracy without fine-tuning.
 
