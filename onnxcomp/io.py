@@ -101,6 +101,7 @@ def save(
 
     try:
         _remove_orphans(target_dir, path.name)
+        _remove_dead_scratch(target_dir)
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=target_dir))
     except OSError as e:
         raise UsageError(f"cannot write to {target_dir}: {e.strerror}") from None
@@ -139,10 +140,7 @@ class ScratchData:
 
     def __init__(self, folder: str | os.PathLike | None = None):
         parent = Path(folder) if folder is not None else Path(tempfile.gettempdir())
-        for old in parent.glob(f"{glob_escape(SCRATCH_PREFIX)}*.*"):
-            pid = old.name[len(SCRATCH_PREFIX) :].partition(".")[0]
-            if old.is_dir() and pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(old, ignore_errors=True)
+        _remove_dead_scratch(parent)
         try:
             self.dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}.", dir=parent))
         except OSError as e:
@@ -169,6 +167,14 @@ class ScratchData:
     def close(self) -> None:
         """Remove the folder now (tensors stored in it can no longer be read)."""
         self._finalizer()
+
+
+def _remove_dead_scratch(folder: Path) -> None:
+    """Remove scratch folders (:class:`ScratchData`) of processes that are gone (killed)."""
+    for old in folder.glob(f"{glob_escape(SCRATCH_PREFIX)}*.*"):
+        pid = old.name[len(SCRATCH_PREFIX) :].partition(".")[0]
+        if old.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_orphans(folder: Path, name: str) -> None:

@@ -194,6 +194,8 @@ def run_pipeline(
     the model lives."""
     if check_samples < 1:
         raise UsageError(f"check_samples must be >= 1, not {check_samples}")
+    if not stream_above >= 0:
+        raise UsageError(f"stream_above must be >= 0 bytes, not {stream_above}")
     layout_notes = normalize_layout(model, keep_initializer_inputs=keep_initializer_inputs)
     streaming = weight_bytes(model) > stream_above
     if streaming and SCRATCH_KEY not in model.graph.meta:

@@ -12,6 +12,11 @@ copies of several tensors goes well past it.
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -24,11 +29,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxcomp
 from onnxcomp import instrument
+from onnxcomp.cli import main
 from onnxcomp.errors import PassFailedError
 from onnxcomp.io import SCRATCH_KEY, SCRATCH_PREFIX, ScratchData
+from onnxcomp.passes import _weights
 from onnxcomp.passes._base import CompressionPass, CompressionResult
 from onnxcomp.quant import linear
-from tests.conftest import LOSS_ALLOWED
+from tests.conftest import LOSS_ALLOWED, REPO
 
 HIDDEN, FFN, VOCAB, LAYERS = 1024, 2048, 2048, 3
 TENSOR_BYTES = HIDDEN * FFN * 4  # 8 MB: each MatMul weight, and the embedding table
@@ -110,10 +117,12 @@ def test_weight_pass_holds_a_few_tensors_not_the_model(
     # The float64 chunks of the quantisation math scale with CHUNK_ELEMENTS, not the weight:
     # at this model's size its default would be as big as a tensor, so it is made smaller.
     monkeypatch.setattr(linear, "CHUNK_ELEMENTS", 1 << 16)
+    # Likewise the size below which new tensors stay in memory (ternary codes here: 0.5 MB).
+    monkeypatch.setattr(_weights, "SCRATCH_MIN_BYTES", 1 << 16)
     gc.collect()
     tracemalloc.start()
     try:
-        _model, report = onnxcomp.optimize(
+        model, report = onnxcomp.optimize(
             big_path, passes, output=tmp_path / "out.onnx", check="none",
             bound=LOSS_ALLOWED, stream_above=STREAM_ABOVE,
         )  # fmt: skip
@@ -121,6 +130,8 @@ def test_weight_pass_holds_a_few_tensors_not_the_model(
     finally:
         tracemalloc.stop()
     assert report.records[0].modified
+    # New weights went to the scratch file (ternary: after the opset upgrade rebuilt the graph).
+    assert model.graph.meta[SCRATCH_KEY].bytes > 0
     # Holding every new weight (fp16: 4 tensors' worth, int8: 2), every score (prune: 8) or
     # float64 copies of one tensor (8 bytes per element: 2 tensors) breaks this.
     assert peak < 2.5 * TENSOR_BYTES, f"{passes}: {peak / 1e6:.0f} MB held at the peak"
@@ -206,13 +217,70 @@ def test_small_models_do_not_stream(mlp_path: Path) -> None:
     assert "sampled" not in report.check_inputs
 
 
-def test_scratch_left_by_a_killed_run_is_removed(tmp_path: Path) -> None:
-    dead = tmp_path / f"{SCRATCH_PREFIX}999999999.abc"  # no such process
-    dead.mkdir()
-    (dead / "weights.data").write_bytes(b"x")
+def test_scratch_stores_and_is_removed_when_closed(tmp_path: Path) -> None:
     scratch = ScratchData(tmp_path)
-    stored = scratch.store(ir.tensor(np.arange(12, dtype=np.float32).reshape(3, 4), name="w"))
-    assert not dead.exists() and scratch.dir.exists()
-    np.testing.assert_array_equal(stored.numpy(), np.arange(12).reshape(3, 4))
+    first = scratch.store(ir.tensor(np.arange(12, dtype=np.float32).reshape(3, 4), name="w"))
+    second = scratch.store(ir.tensor(np.arange(5, dtype=np.int8), name="q"))
+    np.testing.assert_array_equal(first.numpy(), np.arange(12).reshape(3, 4))
+    np.testing.assert_array_equal(second.numpy(), np.arange(5))
+    assert first.name == "w" and second.dtype == ir.DataType.INT8
+    first.release()
+    second.release()
     scratch.close()
     assert not scratch.dir.exists()
+
+
+KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+import onnxcomp
+from onnxcomp import io
+
+source, output, marker = sys.argv[1:4]
+real_store = io.ScratchData.store
+
+def store(self, tensor):
+    stored = real_store(self, tensor)
+    Path(marker).touch()
+    time.sleep(60)  # killed here, with one new weight in the scratch file
+    return stored
+
+io.ScratchData.store = store
+onnxcomp.optimize(source, "int8", output=output, stream_above=10_000_000, check="none")
+"""
+
+
+def test_a_killed_streaming_run_leaves_no_output_and_its_scratch_goes_next_time(
+    big_path: Path, tmp_path: Path
+) -> None:
+    out, marker = tmp_path / "out.onnx", tmp_path / "marker"
+    before = {p: p.read_bytes()[:4096] + str(p.stat().st_size).encode() for p in
+              big_path.parent.iterdir()}  # fmt: skip
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CHILD, str(big_path), str(out), str(marker)],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert child.poll() is None and time.monotonic() < deadline, "no weight was stored"
+            time.sleep(0.02)
+    finally:
+        child.kill()
+        child.wait()
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(SCRATCH_PREFIX)]
+    assert len(left) == 1 and not out.exists()
+    assert {p: p.read_bytes()[:4096] + str(p.stat().st_size).encode() for p in
+            big_path.parent.iterdir()} == before  # fmt: skip
+    onnxcomp.optimize(big_path, "int8", output=out, stream_above=STREAM_ABOVE,
+                                 check="none")  # fmt: skip
+    assert not left[0].exists() and out.exists()
+
+
+def test_cli_stream_above(big_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    args = ["optimize", str(big_path), "-p", "int8", "-o", str(out), "--report", str(report)]
+    assert main([*args, "--stream-above", "0.01"]) == 0
+    assert "sampled layers" in json.loads(report.read_text())["check_inputs"]
+    assert main([*args, "--stream-above", "-1"]) == 2
+    assert "stream_above must be >= 0" in capsys.readouterr().err
