@@ -169,6 +169,14 @@ class ScratchData:
         self._finalizer()
 
 
+def release(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap a weight held in external data once it has been read: a large model then never
+    has all of its weights resident at once (it is mapped again if read again)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # a view of it is still alive somewhere
+            tensor.release()
+
+
 def _remove_dead_scratch(folder: Path) -> None:
     """Remove scratch folders (:class:`ScratchData`) of processes that are gone (killed)."""
     for old in folder.glob(f"{glob_escape(SCRATCH_PREFIX)}*.*"):

@@ -33,6 +33,7 @@ from onnxcomp import instrument
 from onnxcomp.cli import main
 from onnxcomp.errors import PassFailedError
 from onnxcomp.io import SCRATCH_KEY, SCRATCH_PREFIX, ScratchData
+from onnxcomp.masks import nm
 from onnxcomp.passes import _weights
 from onnxcomp.passes._base import CompressionPass, CompressionResult
 from onnxcomp.quant import linear
@@ -111,13 +112,14 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-@pytest.mark.parametrize("passes", ["int8", "int4", "ternary", "fp16", "prune"])
+@pytest.mark.parametrize("passes", ["int8", "int4", "ternary", "fp16", "prune", "prune-nm"])
 def test_weight_pass_holds_a_few_tensors_not_the_model(
     big_path: Path, tmp_path: Path, passes: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The float64 chunks of the quantisation math scale with CHUNK_ELEMENTS, not the weight:
     # at this model's size its default would be as big as a tensor, so it is made smaller.
     monkeypatch.setattr(linear, "CHUNK_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(nm, "CHUNK_ELEMENTS", 1 << 16)  # N:M ranking, the same way
     # Likewise the size below which new tensors stay in memory (ternary codes here: 0.5 MB).
     monkeypatch.setattr(_weights, "SCRATCH_MIN_BYTES", 1 << 16)
     gc.collect()

@@ -19,7 +19,6 @@ weights do not pile up in memory either.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 from collections.abc import Collection, Sequence
@@ -28,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from onnxcomp.io import SCRATCH_KEY
+from onnxcomp.io import SCRATCH_KEY, release
 from onnxcomp.passes._base import name_list
 
 # op type -> input indices that carry weights
@@ -274,14 +273,6 @@ def set_weight(value: ir.Value, tensor: ir.TensorProtocol) -> None:
     tensor.name = value.name
     value.const_value = stored(value.graph, tensor)
     release(old)
-
-
-def release(tensor: ir.TensorProtocol | None) -> None:
-    """Unmap a weight held in external data once it has been read: a large model then never
-    has all of its weights resident at once (it is mapped again if read again)."""
-    if isinstance(tensor, ir.ExternalTensor):
-        with contextlib.suppress(BufferError):  # a view of it is still alive somewhere
-            tensor.release()
 
 
 def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
