@@ -39,23 +39,30 @@ def param_shape(shape: tuple[int, ...], axis: int | None, block_size: int) -> tu
     return tuple(blocked)
 
 
-def reduce_groups(w: np.ndarray, axis: int | None, block_size: int, reducer: Reducer) -> np.ndarray:
+def reduce_groups(
+    w: np.ndarray, axis: int | None, block_size: int, reducer: Reducer, *, exact: bool = False
+) -> np.ndarray:
     """Apply ``reducer(groups, axis=-1)`` to each group of elements sharing one parameter.
 
     Returns an array of :func:`param_shape`. A last partial block is padded with NaN, so
-    ``reducer`` must ignore NaN (``np.nanmax``, ``np.nanmean``, ...). Works in float64.
+    ``reducer`` must ignore NaN (``np.nanmax``, ``np.nanmean``, ...). Works in float64, or,
+    with ``exact`` (a reducer whose result is one of its inputs: max, min, max of ``|w|``), in
+    ``w``'s own float dtype, which gives the same values without a float64 copy of ``w``.
     """
-    w = np.asarray(w, dtype=np.float64)
+    w = np.asarray(w)
+    if not (exact and w.dtype.kind == "f"):
+        w = w.astype(np.float64)
     if axis is None:
-        return np.asarray(reducer(w.reshape(1, -1), axis=-1)).reshape(())
+        return np.asarray(reducer(w.reshape(1, -1), axis=-1), dtype=np.float64).reshape(())
     if block_size == 0:
-        return reducer(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), axis=-1)
+        grouped = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        return np.asarray(reducer(grouped, axis=-1), dtype=np.float64)
     blocks = -(-w.shape[axis] // block_size)
     padding = [(0, 0)] * w.ndim
     padding[axis] = (0, blocks * block_size - w.shape[axis])
     padded = np.pad(w, padding, constant_values=np.nan)
     split = padded.reshape((*w.shape[:axis], blocks, block_size, *w.shape[axis + 1 :]))
-    return reducer(np.moveaxis(split, axis + 1, -1), axis=-1)
+    return np.asarray(reducer(np.moveaxis(split, axis + 1, -1), axis=-1), dtype=np.float64)
 
 
 def expand(
@@ -105,10 +112,12 @@ def linear_params(
             raise ValueError(f"limit must be in (0, {qmax}] and symmetric, not {limit}")
         qmax = limit
     if symmetric:
-        amax = reduce_groups(w, axis, block_size, lambda g, axis: np.nanmax(np.abs(g), axis=axis))
+        amax = reduce_groups(
+            w, axis, block_size, lambda g, axis: np.nanmax(np.abs(g), axis=axis), exact=True
+        )
         return store_scale(amax / qmax, np.dtype(dtype)), None
-    low = np.minimum(reduce_groups(w, axis, block_size, np.nanmin), 0.0)
-    high = np.maximum(reduce_groups(w, axis, block_size, np.nanmax), 0.0)
+    low = np.minimum(reduce_groups(w, axis, block_size, np.nanmin, exact=True), 0.0)
+    high = np.maximum(reduce_groups(w, axis, block_size, np.nanmax, exact=True), 0.0)
     scale = store_scale((high - low) / (qmax - qmin), np.dtype(dtype))
     zero_point = np.clip(np.rint(qmin - low / scale.astype(np.float64)), qmin, qmax)
     return scale, zero_point.astype(np.int8)
