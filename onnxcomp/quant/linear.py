@@ -140,10 +140,12 @@ def quantize(
         qmin, qmax = -limit, limit
     shape = np.shape(w)
     s = expand(np.asarray(scale, dtype=np.float64), shape, axis, block_size)
-    q = np.rint(np.asarray(w, dtype=np.float64) / s)
+    q = np.divide(w, s, dtype=np.float64)
+    np.rint(q, out=q)  # in place: one float64 temporary, not four
     if zero_point is not None:
-        q = q + expand(zero_point.astype(np.float64), shape, axis, block_size)
-    return np.clip(q, qmin, qmax).astype(np.int8)
+        q += expand(zero_point.astype(np.float64), shape, axis, block_size)
+    np.clip(q, qmin, qmax, out=q)
+    return q.astype(np.int8)
 
 
 def by_groups(
