@@ -184,7 +184,7 @@ class LayerSample:
         self.missing: list[str] = []
         rng = np.random.default_rng(seed)
         self.layers: list[tuple[str, dict[str, np.ndarray]]] = []
-        self.names: list[str] | None = []
+        self.names: list[str] = []
         for node in _sample_layers(model.graph, count, max_weight_bytes):
             feeds = _layer_feeds(node, rng)
             if feeds is not None:
@@ -202,14 +202,14 @@ class LayerSample:
     def description(self) -> str:
         return (
             f"random inputs of {len(self.layers)} sampled layers, each run alone: "
-            f"{', '.join(self.names or [])}"
+            f"{', '.join(self.names)}"
         )
 
     def run(self, model: ir.Model) -> list[list[np.ndarray]]:
         """Each sampled layer's output as ``model`` computes it (None where it cannot be cut
         out of ``model``), as one batch."""
         results: list = []
-        for (output, feeds), name in zip(self.layers, self.names or [], strict=True):
+        for (output, feeds), name in zip(self.layers, self.names, strict=True):
             sub = _layer_model(model, output, feeds)
             if sub is None:
                 if name not in self.missing:
@@ -232,7 +232,7 @@ class LayerSample:
         baseline = self.outputs if baseline is None else baseline
         return [
             compare_arrays(name, [base], [new])
-            for name, base, new in zip(self.names or [], baseline[0], outputs[0], strict=True)
+            for name, base, new in zip(self.names, baseline[0], outputs[0], strict=True)
             if base is not None and new is not None
         ]
 
