@@ -138,6 +138,9 @@ def test_weight_pass_holds_a_few_tensors_not_the_model(
     # Holding every new weight (fp16: 4 tensors' worth, int8: 2), every score (prune: 8) or
     # float64 copies of one tensor (8 bytes per element: 2 tensors) breaks this.
     assert peak < 2.5 * TENSOR_BYTES, f"{passes}: {peak / 1e6:.0f} MB held at the peak"
+    # What was written from the scratch file (packed INT4/INT2 codes too) is a whole model.
+    onnx.checker.check_model(str(tmp_path / "out.onnx"))
+    assert np.isfinite(_run(tmp_path / "out.onnx")).all()
 
 
 @pytest.mark.parametrize("passes", ["int8", "fp16"])
