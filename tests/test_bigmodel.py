@@ -291,3 +291,41 @@ def test_cli_stream_above(big_path: Path, tmp_path: Path, capsys: pytest.Capture
     assert "sampled layers" in json.loads(report.read_text())["check_inputs"]
     assert main([*args, "--stream-above", "-1"]) == 2
     assert "stream_above must be >= 0" in capsys.readouterr().err
+
+
+def test_sampled_check_feeds_every_layer_kind(tmp_path: Path) -> None:
+    """Grouped and dilated Conv, ConvTranspose, batched MatMul, Gemm with transA, Gather on
+    axis 1: each gets inputs of a shape its weight accepts, and runs."""
+    rng = np.random.default_rng(0)
+
+    def w(name: str, *shape: int) -> TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", group=2, dilations=[2, 1]),
+            helper.make_node("ConvTranspose", ["c", "wt"], ["t"], name="deconv"),
+            helper.make_node("MatMul", ["t", "wm"], ["m"], name="batched"),
+            helper.make_node("Gemm", ["g_in", "wg"], ["g"], name="gemm", transA=1),
+            helper.make_node("Gather", ["wa", "idx"], ["a"], name="table", axis=1),
+        ],
+        "kinds",
+        [helper.make_tensor_value_info("x", f, [1, 4, 9, 9]),
+         helper.make_tensor_value_info("g_in", f, [5, 3]),
+         helper.make_tensor_value_info("idx", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info(n, f, [None]) for n in ("m", "g", "a")],
+        [w("wc", 6, 2, 3, 3), w("wt", 6, 3, 2, 2), w("wm", 3, 10, 7), w("wg", 5, 8),
+         w("wa", 4, 11)],
+    )  # fmt: skip
+    path = tmp_path / "kinds.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    sample = instrument.LayerSample(onnxcomp.load(path), count=10)
+    shapes = dict(zip(sample.names, (o.shape for o in sample.outputs[0]), strict=True))
+    assert shapes == {
+        "conv (Conv)": (1, 6, 4, 4),  # 8x6 inputs: 3 more than the dilated kernel
+        "deconv (ConvTranspose)": (1, 3, 4, 4),
+        "batched (MatMul)": (3, 2, 7),
+        "gemm (Gemm)": (2, 8),
+        "table (Gather)": (4, 2, 3),
+    }
