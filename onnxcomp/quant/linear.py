@@ -140,8 +140,9 @@ def quantize(
         qmin, qmax = -limit, limit
     shape = np.shape(w)
     s = expand(np.asarray(scale, dtype=np.float64), shape, axis, block_size)
-    q = np.divide(w, s, dtype=np.float64)
-    np.rint(q, out=q)  # in place: one float64 temporary, not four
+    q = np.array(w, dtype=np.float64)  # the one float64 temporary: the rest works in place
+    np.divide(q, s, out=q)
+    np.rint(q, out=q)
     if zero_point is not None:
         q += expand(zero_point.astype(np.float64), shape, axis, block_size)
     np.clip(q, qmin, qmax, out=q)
