@@ -20,7 +20,13 @@ from onnxcomp.errors import OnnxcompError, UsageError
 from onnxcomp.instrument import LossBound, Tolerance
 from onnxcomp.io import check_writable, external_files, is_main_process, load, save
 from onnxcomp.passes._base import CompressionPass
-from onnxcomp.pipeline import DEFAULT_CHECK_SAMPLES, CheckMode, PipelineReport, run_pipeline
+from onnxcomp.pipeline import (
+    DEFAULT_CHECK_SAMPLES,
+    STREAM_ABOVE_BYTES,
+    CheckMode,
+    PipelineReport,
+    run_pipeline,
+)
 from onnxcomp.search import auto, sensitivity
 from onnxcomp.target import Target, resolve_target
 
@@ -55,6 +61,7 @@ def optimize(
     target: Target | str | None = None,
     bound: LossBound = LossBound(),
     keep_initializer_inputs: bool = False,
+    stream_above: int = STREAM_ABOVE_BYTES,
 ) -> tuple[ir.Model, PipelineReport]:
     """Run ``passes`` and return the compressed model and the per-pass report.
 
@@ -67,6 +74,9 @@ def optimize(
     ``bound.allow_loss``. Initializers that an old exporter also listed as graph inputs are
     weights (no longer inputs of the result) unless ``keep_initializer_inputs``. With
     ``output``, the result is written atomically; the input file is never overwritten.
+    A model with more than ``stream_above`` bytes of weights is rewritten one tensor at a
+    time, its new weights kept in a scratch folder beside ``output`` until written, and
+    checked on a sample of its layers (see :mod:`onnxcomp.pipeline`).
     """
     target = resolve_target(target)
     input_path = file_bytes_before = None
@@ -100,6 +110,8 @@ def optimize(
         target=target,
         bound=bound,
         keep_initializer_inputs=keep_initializer_inputs,
+        stream_above=stream_above,
+        scratch_dir=check_writable(output) if output is not None else None,
     )
     report.input_path = str(input_path) if input_path is not None else None
     report.file_bytes_before = file_bytes_before

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from onnxcomp.errors import OnnxcompError, UsageError
 from onnxcomp.instrument import DEFAULT_MAX_DROP, DEFAULT_MIN_COSINE
+from onnxcomp.pipeline import STREAM_ABOVE_BYTES
 from onnxcomp.target import DEFAULT_TARGET, TARGET_NAMES
 
 DEBUG_HINT = "run with --debug for the traceback"
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="initializers also listed as graph inputs (old exporters) stay "
                           "inputs a caller may override, and passes leave them alone (default: "
                           "they are weights)")
+    optimize.add_argument("--stream-above", type=float, default=STREAM_ABOVE_BYTES / 1e9,
+                          metavar="GB",
+                          help="a model with more weights than this is rewritten a tensor at a "
+                          "time and checked on a sample of its layers, each run alone, instead "
+                          f"of whole (default {STREAM_ABOVE_BYTES / 1e9:g})")
     optimize.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     commands.add_parser("passes", help="list the passes and their options")
@@ -242,6 +248,7 @@ def _optimize(args: argparse.Namespace) -> int:
                 allow_loss=args.allow_loss,
             ),
             keep_initializer_inputs=args.keep_initializer_inputs,
+            stream_above=int(args.stream_above * 1e9),
         )
     if not is_main_process():
         return 0  # torchrun workers: rank 0 prints and writes

@@ -3,6 +3,10 @@
 The numeric check runs the input model once (reference) and each result on the same inputs in
 ONNX Runtime, and reports per output: max abs error, cosine similarity, and non-finite values
 that were not in the reference. A lossless pass must stay within :class:`Tolerance`.
+
+A model too big to run whole within bounded memory is checked on a sample instead
+(:class:`LayerSample`): a few of its layers (a weight and the node reading it), each run alone
+on random inputs, before and after, compared the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from onnx_ir.passes import common as common_passes
 
 from onnxcomp import runtime
 from onnxcomp.data import Dataset
-from onnxcomp.errors import UsageError
+from onnxcomp.errors import OnnxcompError, UsageError
 
 NUMERIC_KINDS = "fciub"
 # Defaults of the loss bound. A collapse fails: an int8 kernel saturating gave cosine 0.75,
@@ -143,6 +147,186 @@ class Reference:
     def accuracy_of(self, outputs: list[list[np.ndarray]]) -> float | None:
         """Top-1 accuracy of ``outputs`` on the reference labels, if there are any."""
         return top1_accuracy(outputs, self.labels)
+
+
+# Layers a LayerSample may pick: op type -> the input slot of its weight.
+LAYER_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
+SAMPLE_LAYERS = 4
+# A sampled layer's weight is held by ONNX Runtime (twice, when it folds a DequantizeLinear):
+# larger weights are not sampled, so the check stays within a few hundred MB.
+SAMPLE_MAX_WEIGHT_BYTES = 256 << 20
+_SAMPLE_ROWS = 2  # batch rows of a sampled layer's random input
+
+
+class LayerSample:
+    """The numeric check of a model too big to run whole in memory: up to ``count`` layers (a
+    weight of at most ``max_weight_bytes`` and the node reading it), one per op type first,
+    then spread over the graph, each run alone in ONNX Runtime on random inputs. In a result
+    the slice that computes the same output from the same inputs (the node with its
+    DequantizeLinear, a MatMulNBits, Casts) is run instead. Same interface as
+    :class:`Reference`, one "output" per layer; there are no labels, so no accuracy.
+
+    A layer the result no longer computes from the same inputs (a pass renamed or fused it)
+    drops out of the comparison and is listed in ``missing``.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        *,
+        level: str = "basic",
+        count: int = SAMPLE_LAYERS,
+        max_weight_bytes: int = SAMPLE_MAX_WEIGHT_BYTES,
+        seed: int = 0,
+    ):
+        self.level = level
+        self.labels = None
+        self.missing: list[str] = []
+        rng = np.random.default_rng(seed)
+        self.layers: list[tuple[str, dict[str, np.ndarray]]] = []
+        self.names: list[str] = []
+        for node in _sample_layers(model.graph, count, max_weight_bytes):
+            feeds = _layer_feeds(node, rng)
+            if feeds is not None:
+                self.layers.append((node.outputs[0].name or "", feeds))
+                self.names.append(f"{node.name or node.op_type} ({node.op_type})")
+        if not self.layers:
+            raise OnnxcompError(
+                f"no layer (a {'/'.join(LAYER_WEIGHT_INPUT)} with a weight of at most "
+                f"{max_weight_bytes / 2**20:.0f} MiB) to run alone for the sampled check"
+            )
+        self.outputs = self.run(model)
+        self.accuracy = None
+
+    @property
+    def description(self) -> str:
+        return (
+            f"random inputs of {len(self.layers)} sampled layers, each run alone: "
+            f"{', '.join(self.names)}"
+        )
+
+    def run(self, model: ir.Model) -> list[list[np.ndarray]]:
+        """Each sampled layer's output as ``model`` computes it (None where it cannot be cut
+        out of ``model``), as one batch."""
+        results: list = []
+        for (output, feeds), name in zip(self.layers, self.names, strict=True):
+            sub = _layer_model(model, output, feeds)
+            if sub is None:
+                if name not in self.missing:
+                    self.missing.append(name)
+                results.append(None)
+                continue
+            typed = {
+                v.name: feeds[v.name].astype(v.dtype.numpy() if v.dtype else np.float32)
+                for v in sub.graph.inputs
+            }
+            session = runtime.make_session(sub, level=self.level)
+            results.extend(runtime.run_batches(session, [typed])[0])
+            del session
+        return [results]
+
+    def compare(
+        self, outputs: list[list[np.ndarray]], baseline: list[list[np.ndarray]] | None = None
+    ) -> list[OutputDiff]:
+        """Per-layer differences, leaving out layers missing from either side."""
+        baseline = self.outputs if baseline is None else baseline
+        return [
+            compare_arrays(name, [base], [new])
+            for name, base, new in zip(self.names, baseline[0], outputs[0], strict=True)
+            if base is not None and new is not None
+        ]
+
+    def accuracy_of(self, outputs: list[list[np.ndarray]]) -> float | None:
+        return None
+
+
+def _sample_layers(graph: ir.Graph, count: int, max_bytes: int) -> list[ir.Node]:
+    """Layers to sample: the middle one of each op type (in order of first appearance), then
+    evenly spaced others, in graph order."""
+    candidates = []
+    for node in graph:
+        slot = LAYER_WEIGHT_INPUT.get(node.op_type)
+        if node.domain not in ("", "ai.onnx") or slot is None or slot >= len(node.inputs):
+            continue
+        weight = node.inputs[slot]
+        if weight is None or weight.const_value is None or not weight.is_initializer():
+            continue
+        tensor = weight.const_value
+        if not tensor.dtype.is_floating_point() or tensor.nbytes > max_bytes:
+            continue
+        activations = [v for v in node.inputs if v is not None and v.const_value is None]
+        if len(activations) == 1 and len(node.outputs) == 1 and node.outputs[0].name:
+            candidates.append(node)
+    by_type: dict[str, list[ir.Node]] = {}
+    for node in candidates:
+        by_type.setdefault(node.op_type, []).append(node)
+    chosen = [nodes[len(nodes) // 2] for nodes in by_type.values()][:count]
+    rest = [n for n in candidates if n not in chosen]
+    wanted = count - len(chosen)
+    if wanted > 0 and rest:
+        step = len(rest) / wanted
+        spread = (rest[min(int(i * step), len(rest) - 1)] for i in range(wanted))
+        chosen += list(dict.fromkeys(spread))
+    order = {node: i for i, node in enumerate(candidates)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def _layer_feeds(node: ir.Node, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+    """Random inputs of a small batch for ``node``'s activation input, shaped by its weight
+    (float32; integer indices for Gather), or None when the shape cannot be worked out."""
+    slot = LAYER_WEIGHT_INPUT[node.op_type]
+    weight = node.inputs[slot]
+    assert weight is not None and weight.const_value is not None
+    shape = [int(d) for d in weight.const_value.shape]
+    x = next(v for v in node.inputs if v is not None and v.const_value is None)
+    attrs = node.attributes
+    rows = _SAMPLE_ROWS
+    if node.op_type == "Gather":
+        axis = attrs.get_int("axis", 0) % max(len(shape), 1)
+        dtype = x.dtype.numpy() if x.dtype is not None else np.int64
+        return {x.name or "": rng.integers(0, shape[axis], size=(rows, 3)).astype(dtype)}
+    if node.op_type == "MatMul":
+        if len(shape) == 1:
+            x_shape = [rows, shape[0]]
+        else:
+            rank = len(x.shape) if x.shape is not None else 2
+            x_shape = [*shape[:-2], rows, shape[-2]] if len(shape) > 2 else (
+                [rows] * max(rank - 1, 1) + [shape[0]])  # fmt: skip
+    elif node.op_type == "Gemm":
+        k = shape[1] if attrs.get_int("transB", 0) else shape[0]
+        x_shape = [k, rows] if attrs.get_int("transA", 0) else [rows, k]
+    elif node.op_type == "Conv":
+        kernel = shape[2:]
+        dilations = attrs.get_ints("dilations", [1] * len(kernel))
+        x_shape = [1, shape[1] * attrs.get_int("group", 1)]
+        x_shape += [(k - 1) * d + 1 + 3 for k, d in zip(kernel, dilations, strict=False)]
+    elif node.op_type == "ConvTranspose":
+        x_shape = [1, shape[0], *([3] * (len(shape) - 2))]
+    else:
+        return None
+    return {x.name or "": rng.standard_normal(x_shape).astype(np.float32)}
+
+
+def _layer_model(
+    model: ir.Model, output: str, feeds: dict[str, np.ndarray]
+) -> ir.Model | None:
+    """The part of ``model`` that computes value ``output`` from the values named in ``feeds``
+    and constants, as a model of its own (tensors shared, not copied), or None."""
+    try:
+        graph = ir.convenience.extract(model.graph, list(feeds), [output])
+    except ValueError:
+        return None
+    if len(graph) > 32:  # not one layer any more
+        return None
+    for value in graph.inputs:
+        value.shape = None  # the sample's batch is not the model's
+        if value.dtype is None:  # untyped in a model without value_info: as fed
+            value.dtype = ir.DataType.from_numpy(feeds[value.name or ""].dtype)
+    for node in graph:
+        for value in node.outputs:
+            value.shape = None
+    graph.opset_imports.update(model.opset_imports)
+    return ir.Model(graph, ir_version=model.ir_version)
 
 
 def min_cosine(diffs: list[OutputDiff]) -> float | None:

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Collection, Iterator, Mapping
 from glob import escape as glob_escape
 from pathlib import Path
@@ -100,6 +101,7 @@ def save(
 
     try:
         _remove_orphans(target_dir, path.name)
+        _remove_dead_scratch(target_dir)
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=target_dir))
     except OSError as e:
         raise UsageError(f"cannot write to {target_dir}: {e.strerror}") from None
@@ -117,6 +119,70 @@ def save(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return size
+
+
+# Where a pipeline streaming a big model keeps its ScratchData (``model.graph.meta[...]``).
+SCRATCH_KEY = "onnxcomp.scratch"
+SCRATCH_PREFIX = ".onnxcomp-scratch."
+_SCRATCH_ALIGN = 64
+
+
+class ScratchData:
+    """An external data file that new weights are appended to as passes make them, so that
+    rewriting a big model never holds all of its new weights in memory: each is written once
+    and read back memory-mapped (:class:`onnx_ir.ExternalTensor`) when a later pass or
+    :func:`save` needs it; ``save`` copies it into the output file by file range.
+
+    The folder (``.onnxcomp-scratch.PID.*`` in ``folder``, default the system's temporary
+    folder) is removed when this object is garbage collected or at exit; one left by a killed
+    process is removed by the next ``ScratchData`` made in the same folder.
+    """
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        parent = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+        _remove_dead_scratch(parent)
+        try:
+            self.dir = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}.", dir=parent))
+        except OSError as e:
+            raise UsageError(f"cannot make a scratch folder in {parent}: {e.strerror}") from None
+        self.path = self.dir / "weights.data"
+        self.path.touch()
+        self.bytes = 0
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
+
+    def store(self, tensor: ir.TensorProtocol) -> ir.ExternalTensor:
+        """Append ``tensor``'s bytes and return a tensor reading them back from the file."""
+        with open(self.path, "r+b") as f:
+            f.seek(0, os.SEEK_END)
+            offset = -(-f.tell() // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+            f.seek(offset)
+            tensor.tofile(f)
+            length = f.tell() - offset
+        self.bytes += length
+        return ir.ExternalTensor(
+            self.path.name, offset, length, tensor.dtype, shape=ir.Shape(tensor.shape),
+            name=tensor.name or "", base_dir=self.dir,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        """Remove the folder now (tensors stored in it can no longer be read)."""
+        self._finalizer()
+
+
+def release(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap a weight held in external data once it has been read: a large model then never
+    has all of its weights resident at once (it is mapped again if read again)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        with contextlib.suppress(BufferError):  # a view of it is still alive somewhere
+            tensor.release()
+
+
+def _remove_dead_scratch(folder: Path) -> None:
+    """Remove scratch folders (:class:`ScratchData`) of processes that are gone (killed)."""
+    for old in folder.glob(f"{glob_escape(SCRATCH_PREFIX)}*.*"):
+        pid = old.name[len(SCRATCH_PREFIX) :].partition(".")[0]
+        if old.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_orphans(folder: Path, name: str) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp.io import release
+
 QUANTIZED_DTYPES = {
     ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4,
     ir.DataType.INT2, ir.DataType.UINT2, ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2,
@@ -125,6 +127,7 @@ def _tensor_info(name: str, tensor: ir.TensorProtocol, count_zeros: bool) -> Ten
     zeros = None
     if count_zeros and len(shape) >= 2 and tensor.dtype.is_floating_point():
         zeros = int(size - np.count_nonzero(tensor.numpy()))
+        release(tensor)  # one weight of a big model resident at a time, not all
     external = Path(tensor.path).name if isinstance(tensor, ir.ExternalTensor) else None
     return TensorInfo(name, tensor.dtype.name.lower(), shape, size, tensor.nbytes, zeros, external)
 

@@ -13,12 +13,26 @@ from __future__ import annotations
 
 import numpy as np
 
+# Scores ranked at once: the float64 and argsort temporaries stay small for a big weight.
+CHUNK_ELEMENTS = 1 << 20
+
 
 def nm_mask(scores: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
     """Keep mask with at most ``n`` kept elements in every group of ``m`` along ``axis``."""
     _check_nm(n, m)
-    scores = np.asarray(scores)
-    moved = np.moveaxis(scores, axis, -1).astype(np.float64)
+    moved = np.moveaxis(np.asarray(scores), axis, -1)
+    if moved.ndim < 2:
+        return _nm_keep(moved, n, m)
+    keep = np.empty(moved.shape, dtype=bool)
+    step = max(1, CHUNK_ELEMENTS * moved.shape[0] // max(moved.size, 1))
+    for start in range(0, moved.shape[0], step):  # groups never span the leading axis
+        keep[start : start + step] = _nm_keep(moved[start : start + step], n, m)
+    return np.moveaxis(keep, -1, axis)
+
+
+def _nm_keep(scores: np.ndarray, n: int, m: int) -> np.ndarray:
+    """:func:`nm_mask` along the last axis of ``scores``."""
+    moved = scores.astype(np.float64)
     length = moved.shape[-1]
     pad = (-length) % m
     if pad:
@@ -29,8 +43,7 @@ def nm_mask(scores: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
     order = np.argsort(groups, axis=-1, kind="stable")
     keep = np.ones(groups.shape, dtype=bool)
     np.put_along_axis(keep, order[..., : m - n], False, axis=-1)
-    keep = keep.reshape(moved.shape)[..., :length]
-    return np.moveaxis(keep, -1, axis)
+    return keep.reshape(moved.shape)[..., :length]
 
 
 def group_nonzeros(array: np.ndarray, m: int, axis: int) -> np.ndarray:

@@ -63,6 +63,7 @@ def upgrade_opset(model: ir.Model, target: int, *, why: str) -> list[str]:
         if _same_tensor_type(old, value):
             value.const_value = old.const_value  # type: ignore[union-attr]
     _restore_metadata(model.graph, new_graph)
+    new_graph.meta.update(model.graph.meta)  # e.g. the pipeline's scratch data
     model.graph = new_graph
     ir_before = model.ir_version
     model.ir_version = max(model.ir_version, min_ir_version(target))

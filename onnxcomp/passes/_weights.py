@@ -9,6 +9,12 @@ Anything that looks like a weight but is not returned comes back as a :class:`Sk
 the reason, so passes can report it instead of skipping it silently. Run ``simplify`` (or
 lift Constant nodes) first for weights held in Constant nodes; :func:`lift_constant_weights`
 does that.
+
+Big models stream: passes rewrite one weight at a time, :func:`release` the source once read
+(a weight in external data is memory-mapped; unmapped, its pages leave the process) and hand
+each new tensor to :func:`add_initializer` or :func:`set_weight`, which write it to the
+pipeline's scratch data (:class:`onnxcomp.io.ScratchData`) when it streams the model, so new
+weights do not pile up in memory either.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from onnxcomp.io import SCRATCH_KEY, release
 from onnxcomp.passes._base import name_list
 
 # op type -> input indices that carry weights
@@ -246,10 +253,34 @@ def _view(node: ir.Node, array: np.ndarray) -> np.ndarray | None:
     return None
 
 
+# New tensors smaller than this stay in memory even when the model streams (scales, biases).
+SCRATCH_MIN_BYTES = 1 << 20
+
+
+def stored(graph: ir.Graph | None, tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    """``tensor`` as ``graph`` keeps it: written to the pipeline's scratch data (and read back
+    memory-mapped) when the pipeline streams a big model and the tensor is not small."""
+    scratch = graph.meta.get(SCRATCH_KEY) if graph is not None else None
+    if scratch is None or tensor.nbytes < SCRATCH_MIN_BYTES:
+        return tensor
+    return scratch.store(tensor)
+
+
+def set_weight(value: ir.Value, tensor: ir.TensorProtocol) -> None:
+    """Give initializer ``value`` the new tensor ``tensor`` (:func:`stored`) and release the
+    one it had: never a write into the old one, a read-only view of the file."""
+    old = value.const_value
+    tensor.name = value.name
+    value.const_value = stored(value.graph, tensor)
+    release(old)
+
+
 def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
-    """Register ``tensor`` as an initializer of ``graph`` under ``name`` (made unique)."""
+    """Register ``tensor`` as an initializer of ``graph`` under ``name`` (made unique); a big
+    model's pipeline keeps it in its scratch data (:func:`stored`)."""
     name = _unique_name(graph, name)
     tensor.name = name
+    tensor = stored(graph, tensor)
     value = ir.Value(
         name=name,
         shape=ir.Shape(tensor.shape),

@@ -39,6 +39,11 @@ counts any new NaN/Inf the CPU run does show (stored weights that underflow, for
 Outputs move by float16 rounding: on the demo models the output cosine stays >= 0.9999, the
 worst error <= 2e-3 * max|output| and top-1 accuracy is unchanged.
 
+Initializers are range-checked and converted one at a time, each source released once read and
+each new tensor handed to the pipeline's scratch data when it streams a big model (see
+:mod:`onnxcomp.passes._weights`); the activation probe (``--data``) runs the whole model in
+ONNX Runtime, so it is for models that fit in memory.
+
 bfloat16 is not offered: ONNX Runtime 1.32's CPU provider has no bfloat16 kernels for Add,
 Mul, MatMul, Gemm, Conv, Relu, Softmax, ... and, unlike float16, does not insert Casts for
 them, so a bfloat16 model does not load on CPU.
@@ -66,12 +71,14 @@ from onnxcomp.passes._base import (
     name_list,
     option,
 )
+from onnxcomp.passes._weights import release, set_weight
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
 HALF_TYPE = "tensor(float16)"
 PROBE_BATCH = 8
 PROBE_ROUNDS = 4
+_CHUNK = 1 << 20  # elements per chunk of the range check
 REMAINING_NONFINITE = "new NaN/Inf may remain on the probe data; see the numeric check"
 # Ops whose output type comes from an attribute, which the rewrite points at float16.
 _DTYPE_DEFAULT_FLOAT = {"RandomNormal", "RandomUniform"}
@@ -340,6 +347,7 @@ def _out_of_range_constants(graph: ir.Graph) -> dict[ir.Node, str]:
         if tensor is None or tensor.dtype != FLOAT:
             continue
         peak = _max_abs(tensor.numpy())
+        release(tensor)  # a big model's weights are read one at a time, not all kept mapped
         if peak > FP16_MAX:
             for use in value.uses():
                 found[use.node] = f"reads '{value.name}', beyond float16's range ({peak:.3g})"
@@ -353,8 +361,23 @@ def _out_of_range_constants(graph: ir.Graph) -> dict[ir.Node, str]:
 
 
 def _max_abs(array: np.ndarray) -> float:
-    finite = array[np.isfinite(array)]
-    return float(np.abs(finite).max()) if finite.size else 0.0
+    """Largest finite |value|, over chunks: no copy of a big tensor."""
+    flat = array.reshape(-1)
+    peak = 0.0
+    for start in range(0, flat.size, _CHUNK):
+        part = flat[start : start + _CHUNK]
+        finite = part[np.isfinite(part)]
+        if finite.size:
+            peak = max(peak, float(np.abs(finite).max()))
+    return peak
+
+
+def _to_half(tensor: ir.TensorProtocol) -> tuple[np.ndarray, int]:
+    """``tensor`` in float16, and how many nonzero values became zero (the source array is a
+    local here, so the caller can release the tensor after)."""
+    array = tensor.numpy()
+    new = array.astype(np.float16)
+    return new, int(np.count_nonzero((new == 0) & (array != 0)))
 
 
 def _rewrite(model: ir.Model, plan: _Plan, *, keep_io_types: bool) -> dict:
@@ -372,10 +395,9 @@ def _rewrite(model: ir.Model, plan: _Plan, *, keep_io_types: bool) -> dict:
                 or value.is_graph_output() or not value.uses()):  # fmt: skip
             continue
         if all(use.idx in plan.half_inputs.get(use.node, ()) for use in value.uses()):
-            array = tensor.numpy()
-            new = array.astype(np.float16)
-            flushed += int(np.count_nonzero((new == 0) & (array != 0)))
-            value.const_value = ir.tensor(new, name=value.name)
+            new, tiny = _to_half(tensor)
+            flushed += tiny
+            set_weight(value, ir.tensor(new))  # releases the float32 source
             bytes_before, bytes_after = bytes_before + tensor.nbytes, bytes_after + new.nbytes
             converted += 1
             half.add(value)

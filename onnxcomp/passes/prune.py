@@ -18,13 +18,19 @@ tensors before and after: the part of a zipped download that pruning shrinks.
 The first layer (weight layers no other weight layer feeds) and the last layer (weight layers
 that feed no other) stay dense by default: they are small and the most sensitive. Outputs move;
 the pipeline's numeric check reports by how much (recovering accuracy is distillation's job).
+
+Tensors are scored, masked and rewritten one at a time (the source released as soon as it is
+read, see :mod:`onnxcomp.passes._weights`), so a big model is pruned in the memory of a few
+tensors; ``scope=global`` ranks all scores together and holds them all. The deflate size of a
+tensor past :data:`ZIP_SAMPLE_BYTES` is estimated from evenly spaced chunks of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -40,6 +46,8 @@ from onnxcomp.passes._weights import (
     find_weights,
     lift_constant_weights,
     lifted_note,
+    release,
+    set_weight,
 )
 
 if TYPE_CHECKING:
@@ -49,6 +57,10 @@ PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 NM_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # ops with a reduction axis
 DEFAULT_PRUNE_OPS = ("Conv", "Gemm", "MatMul")
 ZIP_LEVEL = 6  # zip's and gzip's default deflate level
+# Deflating runs at ~10 MB/s on random weights: bigger tensors are measured on chunks
+# summing to this (deflate looks back 32 KB, so 64 KB chunks compress as in the whole).
+ZIP_SAMPLE_BYTES = 1 << 19
+_ZIP_CHUNKS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,18 +135,19 @@ class MagnitudePrunePass(CompressionPass):
             model, o.op_types, exclude=o.exclude, min_size=o.min_size,
             skip_first=o.skip_first, skip_last=o.skip_last,
         )  # fmt: skip
-        scores = [np.abs(w.array.astype(np.float32)) for w in weights]
+        factors: list[np.ndarray | None] = [None] * len(weights)
         if o.importance == "entropy" and weights:
             assert self.data is not None  # requires() checked
-            factors, entropy_notes = entropy_factors(
+            found, entropy_notes = entropy_factors(
                 model, weights, self.data, bins=o.bins, samples=o.samples
             )
-            notes += entropy_notes
-            scores = [s * f for s, f in zip(scores, factors, strict=True)]
+            factors, notes = list(found), notes + entropy_notes
+        scores = (_score(w, f) for w, f in zip(weights, factors, strict=True))
+        keep: Iterable[np.ndarray]
         if o.scope == "global":
-            keep = masks.global_magnitude_masks(scores, o.sparsity)
-        else:
-            keep = [masks.magnitude_mask(s, o.sparsity) for s in scores]
+            keep = masks.global_magnitude_masks(list(scores), o.sparsity)
+        else:  # one tensor at a time: write_masks draws each mask as it gets to its tensor
+            keep = map(functools.partial(masks.magnitude_mask, sparsity=o.sparsity), scores)
         stats = {"target_sparsity": o.sparsity, "scope": o.scope}
         if o.importance != "magnitude":
             stats["importance"] = o.importance
@@ -154,7 +167,7 @@ class NMPrunePass(CompressionPass):
             model, o.op_types, exclude=o.exclude, min_size=o.min_size,
             skip_first=o.skip_first, skip_last=o.skip_last,
         )  # fmt: skip
-        weights, keep = [], []
+        weights, axes_of = [], []
         for weight in candidates:
             axes = {reduction_axis(use, len(weight.shape)) for use in weight.uses}
             if len(axes) != 1 or None in axes:
@@ -168,7 +181,11 @@ class NMPrunePass(CompressionPass):
                     f"its short last groups keep min({o.n}, length)"
                 )
             weights.append(weight)
-            keep.append(masks.nm_mask(np.abs(weight.array.astype(np.float32)), o.n, o.m, axis))
+            axes_of.append(axis)
+        keep = (
+            masks.nm_mask(_score(w, None), o.n, o.m, axis)
+            for w, axis in zip(weights, axes_of, strict=True)
+        )
         stats = {"pattern": f"{o.n}:{o.m}", "target_sparsity": 1 - o.n / o.m}
         return write_masks(model, weights, keep, notes, stats)
 
@@ -248,30 +265,36 @@ def boundary_layers(
 def write_masks(
     model: ir.Model,
     weights: Sequence[Weight],
-    keep: Sequence[np.ndarray],
+    keep: Iterable[np.ndarray],
     notes: list[str],
     stats: dict,
 ) -> CompressionResult:
-    """Zero each weight where its mask is False, in a new tensor, and report what changed."""
+    """Zero each weight where its mask is False, in a new tensor, and report what changed.
+
+    ``keep`` may be a generator: each mask is drawn when its tensor's turn comes, so only one
+    tensor's score, mask and pruned copy exist at a time."""
     per_tensor: dict[str, float] = {}
     zeros = total = rewritten = dense_bytes = zip_before = zip_after = 0
-    for weight, mask in zip(weights, keep, strict=True):
-        array = weight.array
-        pruned = np.where(mask, array, np.zeros((), array.dtype))
-        tensor_zeros = int(pruned.size - np.count_nonzero(pruned))
-        per_tensor[weight.name] = round(tensor_zeros / max(pruned.size, 1), 4)
-        zeros += tensor_zeros
+    drawn = iter(keep)
+    for weight in weights:  # not zip(): it would keep the last mask alive while drawing one
+        mask = next(drawn)
+        pruned, new_zeros, old_zeros, old_zip = _pruned(weight, mask)
+        del mask
+        per_tensor[weight.name] = round(new_zeros / max(pruned.size, 1), 4)
+        zeros += new_zeros
         total += pruned.size
-        if tensor_zeros == pruned.size:
+        if new_zeros == pruned.size:
             notes.append(f"{weight.name}: every weight is zero; its layer now outputs its bias")
-        if tensor_zeros == int(array.size - np.count_nonzero(array)):
+        if new_zeros == old_zeros:
+            release(weight.value.const_value)
             continue  # nothing new to zero
-        zip_before += _deflated(weight.value.const_value.tobytes())
+        zip_before += old_zip
+        zip_after += _deflated(pruned)
+        dense_bytes += pruned.nbytes
         # A new tensor, never a write into the old one: loaded tensors are read-only file views.
-        weight.value.const_value = ir.tensor(pruned, name=weight.name)
-        zip_after += _deflated(weight.value.const_value.tobytes())
-        dense_bytes += weight.value.const_value.nbytes
+        set_weight(weight.value, ir.tensor(pruned))
         rewritten += 1
+        del pruned  # before the next mask is drawn
     stats = {
         **stats,
         "tensors": rewritten,
@@ -325,8 +348,34 @@ def entropy_factors(
     return factors, notes
 
 
-def _deflated(data: bytes) -> int:
-    return len(zlib.compress(data, ZIP_LEVEL))
+def _score(weight: Weight, factor: np.ndarray | None) -> np.ndarray:
+    """``|w|`` (times ``factor``) in float32; the weight's source is released after."""
+    score = np.abs(weight.array).astype(np.float32, copy=False)
+    release(weight.value.const_value)
+    return score if factor is None else score * factor
+
+
+def _pruned(weight: Weight, mask: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """The weight with zeros where ``mask`` is False, its zero count, the original's zero
+    count and deflate size (the original is read here, and only here, before it is released)."""
+    array = weight.array
+    pruned = np.where(mask, array, np.zeros((), array.dtype))
+    new_zeros = int(pruned.size - np.count_nonzero(pruned))
+    old_zeros = int(array.size - np.count_nonzero(array))
+    old_zip = _deflated(array) if new_zeros != old_zeros else 0
+    return pruned, new_zeros, old_zeros, old_zip
+
+
+def _deflated(array: np.ndarray) -> int:
+    """Deflate size of ``array``'s bytes; estimated from evenly spaced chunks (summing to
+    :data:`ZIP_SAMPLE_BYTES`) for a bigger array."""
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    if flat.size <= ZIP_SAMPLE_BYTES:
+        return len(zlib.compress(flat.tobytes(), ZIP_LEVEL))
+    chunk = ZIP_SAMPLE_BYTES // _ZIP_CHUNKS
+    starts = np.linspace(0, flat.size - chunk, _ZIP_CHUNKS).astype(np.int64)
+    sampled = sum(len(zlib.compress(flat[s : s + chunk].tobytes(), ZIP_LEVEL)) for s in starts)
+    return int(sampled * flat.size / (chunk * _ZIP_CHUNKS))
 
 
 def _has_constant_weight(node: ir.Node, op_types: Collection[str]) -> bool:

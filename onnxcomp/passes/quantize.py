@@ -21,6 +21,12 @@ per-channel factor, so this is skipped for per-tensor scales); those with nothin
 float32 vectors, 0.99977 with int8 ones). Ternary and binary keep BatchNorms by default: the
 distillation that follows them trains BatchNorm's scale and shift.
 
+Weights are quantised one at a time, each a slice of channels or blocks at a time
+(:func:`onnxcomp.quant.by_groups`), the float source released once read and the codes handed
+to the pipeline's scratch data when it streams a big model (:mod:`onnxcomp.passes._weights`):
+memory stays within a few tensors whatever the model's size (gptq/awq excepted: their
+statistics come from running the model).
+
 Outputs move: linear quantisation keeps each weight within half a quantisation step
 (``|w - w'| <= scale / 2``); binary and ternary weights lose accuracy without fine-tuning.
 
@@ -79,6 +85,7 @@ from onnxcomp.passes._weights import (
     find_weights,
     lift_constant_weights,
     lifted_note,
+    release,
 )
 
 # The scale carries the weight's dtype (DequantizeLinear's output dtype is the scale's).
@@ -264,7 +271,7 @@ class WeightQuantizePass(CompressionPass):
             source = weight.value.const_value
             nbytes, gain = self._quantize(model, weight, layout, fmt, stats)
             after += nbytes
-            _release(source)
+            release(source)
             if gain is not None:
                 gains.append(gain)
 
@@ -613,17 +620,20 @@ class WeightQuantizePass(CompressionPass):
             # check 96.9% vs 95.3%).
             position_table = weight.op_types <= {"Slice", "Gather"}
             symmetric = options.symmetric and not (options.bits < 8 and position_table)
-            scale, zero_point = quant.linear_params(
-                array,
-                options.bits,
-                axis=axis,
-                block_size=block,
-                symmetric=symmetric,
-                dtype=array.dtype,
-            )
-            codes = quant.quantize(
-                array, scale, zero_point, options.bits, axis=axis, block_size=block
-            )
+
+            def rtn(part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                scale, zero_point = quant.linear_params(
+                    part, options.bits, axis=axis, block_size=block, symmetric=symmetric,
+                    dtype=array.dtype,
+                )  # fmt: skip
+                codes = quant.quantize(
+                    part, scale, zero_point, options.bits, axis=axis, block_size=block
+                )
+                return codes, scale, zero_point
+
+            # A slice of channels or blocks at a time: a big weight's float64 temporaries
+            # would otherwise be several times its size.
+            codes, scale, zero_point = quant.by_groups(rtn, array, axis=axis, block_size=block)
             if stats is not None:
                 hessian = stats.hessian.matrix
                 if options.method == "gptq":
@@ -659,12 +669,19 @@ class WeightQuantizePass(CompressionPass):
                 err = quant.output_error(original, _unscale(ours, stats), hessian)
                 gain = err / base if base > 0 else 1.0
         elif options.scheme == "binary":
-            codes, alpha = quant.binarize(array, axis=axis, block_size=block)
+            codes, alpha, _ = quant.by_groups(
+                lambda part: (*quant.binarize(part, axis=axis, block_size=block), None),
+                array, axis=axis, block_size=block,
+            )  # fmt: skip
             scale = alpha.astype(array.dtype)
         else:
-            codes, alpha = quant.ternarize(
-                array, axis=axis, block_size=block, rule=options.ternary_rule
-            )
+            rule = options.ternary_rule
+            codes, alpha, _ = quant.by_groups(
+                lambda part: (
+                    *quant.ternarize(part, axis=axis, block_size=block, rule=rule), None
+                ),
+                array, axis=axis, block_size=block,
+            )  # fmt: skip
             scale = alpha.astype(array.dtype)
         if fmt == "matmulnbits" and weight.op_types == {"Gather"}:
             nbytes = _add_gather_block_quantized(
@@ -725,16 +742,8 @@ class _InputStats:
 
 def _finite(weight: Weight) -> bool:
     finite = bool(np.isfinite(weight.array).all())
-    _release(weight.value.const_value)
+    release(weight.value.const_value)
     return finite
-
-
-def _release(tensor: ir.TensorProtocol | None) -> None:
-    """Unmap a weight held in external data once it has been read: a large model then never
-    has all of its float weights resident at once (it is mapped again if read again)."""
-    if isinstance(tensor, ir.ExternalTensor):
-        with contextlib.suppress(BufferError):  # a view of it is still alive somewhere
-            tensor.release()
 
 
 def _unscale(w: np.ndarray, stats: _InputStats) -> np.ndarray:

@@ -24,6 +24,7 @@ from onnxcomp.quant.gptq import (
     output_error,
 )
 from onnxcomp.quant.linear import (
+    by_groups,
     dequantize,
     expand,
     linear_params,
@@ -44,6 +45,7 @@ __all__ = [
     "activation_scale",
     "awq_scale",
     "binarize",
+    "by_groups",
     "clip_search",
     "dequantize",
     "expand",

@@ -15,6 +15,9 @@ import ml_dtypes
 import numpy as np
 
 Reducer = Callable[..., np.ndarray]
+# Elements of a weight coded at once by :func:`by_groups`: the float64 temporaries of the
+# functions here (several times the chunk) stay in the tens of MB whatever the weight's size.
+CHUNK_ELEMENTS = 1 << 21
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -36,23 +39,30 @@ def param_shape(shape: tuple[int, ...], axis: int | None, block_size: int) -> tu
     return tuple(blocked)
 
 
-def reduce_groups(w: np.ndarray, axis: int | None, block_size: int, reducer: Reducer) -> np.ndarray:
+def reduce_groups(
+    w: np.ndarray, axis: int | None, block_size: int, reducer: Reducer, *, exact: bool = False
+) -> np.ndarray:
     """Apply ``reducer(groups, axis=-1)`` to each group of elements sharing one parameter.
 
     Returns an array of :func:`param_shape`. A last partial block is padded with NaN, so
-    ``reducer`` must ignore NaN (``np.nanmax``, ``np.nanmean``, ...). Works in float64.
+    ``reducer`` must ignore NaN (``np.nanmax``, ``np.nanmean``, ...). Works in float64, or,
+    with ``exact`` (a reducer whose result is one of its inputs: max, min, max of ``|w|``), in
+    ``w``'s own float dtype, which gives the same values without a float64 copy of ``w``.
     """
-    w = np.asarray(w, dtype=np.float64)
+    w = np.asarray(w)
+    if not (exact and w.dtype.kind == "f"):
+        w = w.astype(np.float64)
     if axis is None:
-        return np.asarray(reducer(w.reshape(1, -1), axis=-1)).reshape(())
+        return np.asarray(reducer(w.reshape(1, -1), axis=-1), dtype=np.float64).reshape(())
     if block_size == 0:
-        return reducer(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1), axis=-1)
+        grouped = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        return np.asarray(reducer(grouped, axis=-1), dtype=np.float64)
     blocks = -(-w.shape[axis] // block_size)
     padding = [(0, 0)] * w.ndim
     padding[axis] = (0, blocks * block_size - w.shape[axis])
     padded = np.pad(w, padding, constant_values=np.nan)
     split = padded.reshape((*w.shape[:axis], blocks, block_size, *w.shape[axis + 1 :]))
-    return reducer(np.moveaxis(split, axis + 1, -1), axis=-1)
+    return np.asarray(reducer(np.moveaxis(split, axis + 1, -1), axis=-1), dtype=np.float64)
 
 
 def expand(
@@ -102,10 +112,12 @@ def linear_params(
             raise ValueError(f"limit must be in (0, {qmax}] and symmetric, not {limit}")
         qmax = limit
     if symmetric:
-        amax = reduce_groups(w, axis, block_size, lambda g, axis: np.nanmax(np.abs(g), axis=axis))
+        amax = reduce_groups(
+            w, axis, block_size, lambda g, axis: np.nanmax(np.abs(g), axis=axis), exact=True
+        )
         return store_scale(amax / qmax, np.dtype(dtype)), None
-    low = np.minimum(reduce_groups(w, axis, block_size, np.nanmin), 0.0)
-    high = np.maximum(reduce_groups(w, axis, block_size, np.nanmax), 0.0)
+    low = np.minimum(reduce_groups(w, axis, block_size, np.nanmin, exact=True), 0.0)
+    high = np.maximum(reduce_groups(w, axis, block_size, np.nanmax, exact=True), 0.0)
     scale = store_scale((high - low) / (qmax - qmin), np.dtype(dtype))
     zero_point = np.clip(np.rint(qmin - low / scale.astype(np.float64)), qmin, qmax)
     return scale, zero_point.astype(np.int8)
@@ -128,10 +140,46 @@ def quantize(
         qmin, qmax = -limit, limit
     shape = np.shape(w)
     s = expand(np.asarray(scale, dtype=np.float64), shape, axis, block_size)
-    q = np.rint(np.asarray(w, dtype=np.float64) / s)
+    q = np.array(w, dtype=np.float64)  # the one float64 temporary: the rest works in place
+    np.divide(q, s, out=q)
+    np.rint(q, out=q)
     if zero_point is not None:
-        q = q + expand(zero_point.astype(np.float64), shape, axis, block_size)
-    return np.clip(q, qmin, qmax).astype(np.int8)
+        q += expand(zero_point.astype(np.float64), shape, axis, block_size)
+    np.clip(q, qmin, qmax, out=q)
+    return q.astype(np.int8)
+
+
+def by_groups(
+    code: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    w: np.ndarray,
+    *,
+    axis: int | None,
+    block_size: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``code(w) -> (codes, scale, zero_point or None)`` applied to slices of ``w`` along
+    ``axis`` of about :data:`CHUNK_ELEMENTS` elements that split no group sharing a parameter
+    (a channel, a block), and joined: the same result as ``code(w)`` in the memory of a
+    slice. Per-tensor layouts (``axis=None``) are one group, coded whole."""
+    w = np.asarray(w)
+    if axis is None or w.size <= CHUNK_ELEMENTS or w.shape[axis] <= 1:
+        return code(w)
+    length = w.shape[axis]
+    step = max(1, CHUNK_ELEMENTS * length // w.size)
+    if block_size:
+        step = max(block_size, step // block_size * block_size)
+    codes = np.empty(w.shape, dtype=np.int8)
+    scales, zeros = [], []
+    index: list = [slice(None)] * w.ndim
+    for start in range(0, length, step):
+        index[axis] = slice(start, min(start + step, length))
+        part_codes, scale, zero_point = code(w[tuple(index)])
+        codes[tuple(index)] = part_codes
+        scales.append(scale)
+        zeros.append(zero_point)
+    # Per channel, parameters are 1-D along the channels; per block they keep w's rank.
+    joined = 0 if not block_size else axis
+    zero_point = None if zeros[0] is None else np.concatenate(zeros, axis=joined)
+    return codes, np.concatenate(scales, axis=joined), zero_point
 
 
 def dequantize(

@@ -11,14 +11,18 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
     if bits not in (2, 4):
         raise ValueError(f"only 2- and 4-bit values are packed, not {bits}")
     per_byte = 8 // bits
-    flat = np.asarray(values).reshape(-1).astype(np.int64)
+    flat = np.asarray(values).reshape(-1)
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if flat.size and (flat.min() < low or flat.max() > high):
         raise ValueError(f"values outside the {bits}-bit range [{low}, {high}]")
-    codes = flat & (2**bits - 1)
+    # In bytes throughout (the low bits of two's complement): a big weight's codes are packed
+    # without temporaries wider than the codes themselves.
+    codes = flat.astype(np.uint8) & np.uint8(2**bits - 1)
     codes = np.pad(codes, (0, -flat.size % per_byte)).reshape(-1, per_byte)
-    shifts = np.arange(per_byte, dtype=np.int64) * bits
-    return (codes << shifts).sum(axis=1).astype(np.uint8)
+    packed = codes[:, 0].copy()
+    for i in range(1, per_byte):
+        packed |= codes[:, i] << np.uint8(i * bits)
+    return packed
 
 
 def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
