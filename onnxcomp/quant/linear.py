@@ -9,7 +9,9 @@ scale dtype (rounded up when cast, so the bound holds for the stored scale).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
@@ -18,6 +20,7 @@ Reducer = Callable[..., np.ndarray]
 # Elements of a weight coded at once by :func:`by_groups`: the float64 temporaries of the
 # functions here (several times the chunk) stay in the tens of MB whatever the weight's size.
 CHUNK_ELEMENTS = 1 << 21
+MAX_THREADS = 8
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -168,14 +171,25 @@ def by_groups(
     if block_size:
         step = max(block_size, step // block_size * block_size)
     codes = np.empty(w.shape, dtype=np.int8)
-    scales, zeros = [], []
-    index: list = [slice(None)] * w.ndim
-    for start in range(0, length, step):
+
+    def one(start: int) -> tuple[np.ndarray, np.ndarray | None]:
+        index: list = [slice(None)] * w.ndim
         index[axis] = slice(start, min(start + step, length))
         part_codes, scale, zero_point = code(w[tuple(index)])
         codes[tuple(index)] = part_codes
-        scales.append(scale)
-        zeros.append(zero_point)
+        return scale, zero_point
+
+    # Slices are independent and numpy releases the GIL in its loops: one thread per core
+    # (a few slices' temporaries in memory at once, each tens of MB).
+    starts = range(0, length, step)
+    workers = min(len(starts), os.cpu_count() or 1, MAX_THREADS)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(one, starts))
+    else:
+        parts = [one(start) for start in starts]
+    scales = [scale for scale, _ in parts]
+    zeros = [zero_point for _, zero_point in parts]
     # Per channel, parameters are 1-D along the channels; per block they keep w's rank.
     joined = 0 if not block_size else axis
     zero_point = None if zeros[0] is None else np.concatenate(zeros, axis=joined)
