@@ -40,13 +40,16 @@ def ternarize(
     w: np.ndarray, *, axis: int | None, block_size: int = 0, rule: TernaryRule = "optimal"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Codes in {-1, 0, +1} and the least-squares ``alpha`` for them, per group."""
+    source = np.asarray(w)
     w = np.asarray(w, dtype=np.float64)
     shape = w.shape
     if rule == "twn":
         mean_abs = reduce_groups(w, axis, block_size, lambda g, axis: np.nanmean(np.abs(g), axis))
         delta = TWN_FACTOR * mean_abs
     elif rule == "optimal":
-        delta = reduce_groups(w, axis, block_size, _optimal_threshold)
+        # exact: the groups keep the weight's own dtype, which sorts several times faster
+        # than float64; _optimal_threshold sums in float64 itself, so the result is the same
+        delta = reduce_groups(source, axis, block_size, _optimal_threshold, exact=True)
     else:
         raise ValueError(f"unknown ternary rule '{rule}' (optimal, twn)")
     keep = np.abs(w) > expand(delta, shape, axis, block_size)
@@ -61,10 +64,12 @@ def ternarize(
 def _optimal_threshold(groups: np.ndarray, axis: int = -1) -> np.ndarray:
     """Per group, a threshold between the k-th and (k+1)-th largest magnitude for the best k."""
     assert axis == -1
-    magnitudes = -np.sort(-np.nan_to_num(np.abs(groups), nan=0.0), axis=-1)
+    ascending = np.sort(np.nan_to_num(np.abs(groups), nan=0.0), axis=-1)
+    magnitudes = ascending[..., ::-1].astype(np.float64)  # largest first
     sums = np.cumsum(magnitudes, axis=-1)
     kept = np.arange(1, magnitudes.shape[-1] + 1)
-    best = np.argmax(sums**2 / kept, axis=-1)[..., None]
+    np.square(sums, out=sums)
+    best = np.argmax(np.divide(sums, kept, out=sums), axis=-1)[..., None]
     last_kept = np.take_along_axis(magnitudes, best, axis=-1)[..., 0]
     padded = np.concatenate([magnitudes, np.zeros_like(magnitudes[..., :1])], axis=-1)
     first_dropped = np.take_along_axis(padded, best + 1, axis=-1)[..., 0]
