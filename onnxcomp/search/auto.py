@@ -168,6 +168,7 @@ class AutoResult:
     study_name: str
     storage: str | None
     space: dict[str, Any]
+    timing: dict[str, int]  # the batch and threads every trial's latency was measured at
     trials: list[TrialRecord]
     best: TrialRecord | None
     closest: TrialRecord | None
@@ -238,8 +239,13 @@ def run_auto(
     study_storage = open_storage(storage)
     name = study_name or f"onnxcomp-{label}-{objective}"
     study = _open_study(optuna, study_storage, name, objective, resume, seed, storage)
+    if timing.batch < 1 or timing.threads < 1:
+        raise UsageError(f"the timing batch and threads must be >= 1, not {timing.batch} and "
+                         f"{timing.threads}")  # fmt: skip
+    # latencies at another batch or thread count are not comparable: part of the study
     config = {"model": _fingerprint(model), "objective": objective, "max_drop": max_drop,
-              "metric": metric.spec, "target": target.kind}  # fmt: skip
+              "metric": metric.spec, "target": target.kind,
+              "timing": [timing.batch, timing.threads]}  # fmt: skip
     existing = study.user_attrs.get("config")
     if existing is not None and existing != config:
         changed = ", ".join(k for k in config if existing.get(k) != config[k])
@@ -301,7 +307,8 @@ def run_auto(
         model=label, objective=objective, metric=metric.spec, unit=metric.unit,
         max_drop=max_drop, base_score=evaluator.base_score, base_bytes=evaluator.base_bytes,
         held_out=held_out.description, study_name=name, storage=storage,
-        space=space.describe(), trials=records, best=best, closest=closest, fit=fit,
+        space=space.describe(), timing={"batch": timing.batch, "threads": timing.threads},
+        trials=records, best=best, closest=closest, fit=fit,
     )  # fmt: skip
 
 

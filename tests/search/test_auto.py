@@ -101,6 +101,29 @@ def test_a_custom_metric_is_used(fragile):
     assert result.best is not None and 0 < result.best.outcome.drop <= 1.0
 
 
+def test_latency_is_timed_at_the_batch_asked_for(capsys, fragile, tmp_path, monkeypatch):
+    import onnxcomp.search.evaluate as evaluate
+
+    timed = []  # the shapes of the feeds of every timed call, input model and trials alike
+    real_call = evaluate._call
+
+    def spy(session, feeds):
+        timed.append({name: array.shape for name, array in feeds.items()})
+        return real_call(session, feeds)
+
+    monkeypatch.setattr(evaluate, "_call", spy)
+    storage, report = tmp_path / "study.log", tmp_path / "trials.json"
+    args = ["auto", str(fragile["model"]), "--data", str(fragile["data"]), "--distill-epochs",
+            "0", "--trials", "2", "--storage", str(storage), "--json", str(report)]  # fmt: skip
+    assert main([*args, "-o", str(tmp_path / "small.onnx"), "--batch", "7"]) == 0
+    assert len(timed) >= 4 and all(shapes == {"x": (7, 16)} for shapes in timed)
+    assert json.loads(report.read_text())["timing"] == {"batch": 7, "threads": 1}
+    assert "batch 7" in capsys.readouterr().out
+    # latencies at batch 1 are not comparable with the study's: it refuses to continue
+    assert main([*args, "-o", str(tmp_path / "again.onnx"), "--resume"]) == 2
+    assert "timing differ" in capsys.readouterr().err
+
+
 def test_no_trial_within_the_bound_writes_nothing_and_names_the_closest(fragile, tmp_path):
     out = tmp_path / "small.onnx"
     with pytest.raises(LossBoundError, match="the closest, trial"):
@@ -117,6 +140,7 @@ def test_no_trial_within_the_bound_writes_nothing_and_names_the_closest(fragile,
         (["--storage", "nosuchdb://x"], 2, "cannot open --storage"),
         (["--storage", "/no/such/dir/study.log"], 2, "does not exist"),
         (["--metric", "nosuchmodule:f"], 2, "cannot load --metric"),
+        (["--batch", "0"], 2, "--batch must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line(capsys, fragile, tmp_path, extra, code, needle):
