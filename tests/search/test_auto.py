@@ -168,3 +168,43 @@ def test_sensitivity_cli_writes_table_json_and_heatmap(capsys, fragile, tmp_path
     assert main(["sensitivity", str(fragile["model"]), "--data", str(fragile["data"]),
                  "--techniques", "int3"]) == 2  # fmt: skip
     assert "unknown technique" in capsys.readouterr().err
+
+
+def test_latency_space_prunes_hidden_units_with_or_without_attention_heads():
+    from onnxcomp.search.auto import build_space, candidates
+    from onnxcomp.search.sensitivity import SensitivityReport
+
+    none = SensitivityReport("", "", "", 0.0, 0, "", "", 0, [], [])
+    encoder = onnxcomp.load(REPO / "models" / "tiny_encoder.onnx")
+    space = build_space(encoder, none, 1.0, distill_epochs=(0,))
+    assert space.describe()["prune_heads"] == [False, True]
+    queued = [space.pipeline(c) for c in candidates(space, none, 1.0, "latency")]
+    ffn_only = next(p for p in queued if "heads=false" in p)
+    assert ffn_only.startswith("prune-channels:ratio=0.5:heads=false,int8-dynamic")
+    shapes = {}
+    for text in (ffn_only, ffn_only.replace(":heads=false", "")):
+        model, _ = onnxcomp.optimize(encoder, text.split(",int8-dynamic")[0], check="none",
+                                     bound=onnxcomp.LossBound(allow_loss=True))  # fmt: skip
+        shapes[text] = {n: v.shape.dims for n, v in model.graph.initializers.items()}
+    kept, cut = shapes.values()
+    assert kept["layers.0.attn.q_proj.weight.T"] == (64, 64)  # all 4 heads kept
+    assert cut["layers.0.attn.q_proj.weight.T"] == (64, 32)  # 2 of 4 heads removed
+    assert kept["layers.0.fc1.weight.T"] == cut["layers.0.fc1.weight.T"] == (64, 64)
+    cnn = build_space(onnxcomp.load(REPO / "models" / "digits_cnn.onnx"), none, 1.0,
+                      distill_epochs=(0,))  # fmt: skip
+    assert "prune_heads" not in cnn.describe()  # no attention: no such choice
+
+
+def test_search_trains_on_one_torch_thread_unless_told_otherwise():
+    pytest.importorskip("torch")
+    from onnxcomp.search.auto import build_space, candidates
+    from onnxcomp.search.sensitivity import SensitivityReport
+
+    none = SensitivityReport("", "", "", 0.0, 0, "", "", 0, [], [])
+    encoder = onnxcomp.load(REPO / "models" / "tiny_encoder.onnx")
+    for options, expected in (("lr=0.003", "distill:epochs=5:threads=1:lr=0.003"),
+                              ("threads=2", "distill:epochs=5:threads=2,")):  # fmt: skip
+        space = build_space(encoder, none, 1.0, distill_epochs=(5,), distill_options=options)
+        trained = [p for c in candidates(space, none, 1.0, "latency")
+                   if "distill" in (p := space.pipeline(c))]  # fmt: skip
+        assert trained and all(expected in p for p in trained)
