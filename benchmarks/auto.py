@@ -78,7 +78,7 @@ def search(name: str, args: argparse.Namespace) -> tuple[onnxcomp.search.AutoRes
             REPO / "models" / model, REPO / "models" / fit, eval_data=REPO / "models" / evaluation,
             max_drop=MAX_DROP, objective=objective, output=out, trials=args.trials,
             time_budget=args.budget, distill_epochs=epochs, distill_options="lr=0.003",
-            timing=Timing(batch=batch, threads=1, seconds=0.5), workers=args.workers,
+            timing=Timing(batch=batch, threads=1, seconds=1.0), workers=args.workers,
             progress=progress,
         )  # fmt: skip
     result.space["search_seconds"] = round(time.perf_counter() - started, 1)

@@ -410,15 +410,19 @@ def candidates(
         # fewer channels and heads run faster, low bits do not. Untrained, hidden units (FFN)
         # alone first: attention heads are what a transformer loses most by; trained, the
         # biggest cut first (heads too), as distillation wins most of it back given the data
-        act = space.activations[-1]
+        # int8 where int8 activations run it (Conv/Gemm/MatMul); embedding tables stay float,
+        # as int8 weights alone add a DequantizeLinear per run and save no time
+        act, compute = space.activations[-1], set(COMPUTE_OPS)
+        int8_compute = {f"bits/{layer.name}": "int8" if set(layer.op_types) & compute
+                        else "float" for layer in space.layers}  # fmt: skip
         for ratio in ratios:
             for heads in space.prune_heads:
                 shape = {"prune_channels": ratio, "prune_heads": heads}
-                pruned.append({**uniform["int8"], **shape, "activations": act})
+                pruned.append({**int8_compute, **shape, "activations": act})
         if epochs:
             shapes = [{"prune_channels": ratio, "prune_heads": heads} for ratio in ratios
                       for heads in reversed(space.prune_heads)]  # fmt: skip
-            trained = [{**uniform["int8"], **shape, "activations": act, "distill": epochs}
+            trained = [{**int8_compute, **shape, "activations": act, "distill": epochs}
                        for shape in shapes]  # fmt: skip
             trained += [{**shape, "distill": epochs} for shape in shapes]
     elif epochs:
