@@ -12,10 +12,14 @@ For each demo this runs, in one process:
 
 then measures fp32, the search's winner and ORT's model together with ``benchmarks/_runner.py``
 (one timing loop, models interleaved run by run): file bytes, top-1 on the eval split and
-ONNX Runtime CPU latency, and checks the issue's targets (CNN >= 20x smaller, encoder >= 1.5x
-faster, both within 1 point). Run from the repository root::
+ONNX Runtime CPU latency at batch 1 and 32, and checks the issue's targets (CNN >= 20x
+smaller, encoder >= 1.5x faster, both within 1 point). The latency search times its trials
+at ``--search-batch`` (default 32: served in batches, where int8 and pruning pay off; at
+batch 1 the encoder's 0.15 ms is mostly ONNX Runtime's per-node overhead); the speed-up is
+judged at that batch and the other is printed beside it. Run from the repository root::
 
     python benchmarks/auto.py --json auto.json            # ~10 minutes per model on 2 cores
+    python benchmarks/auto.py --models tiny_encoder --search-batch 1   # search for batch 1
     python benchmarks/auto.py --models digits_cnn --budget 120 --epochs 5   # shorter
 """
 
@@ -42,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 # name: (model, fit data, eval data, objective, target: least x smaller or faster)
 DEMOS: dict[str, tuple[str, str, str, str, float]] = {
     "digits_cnn": ("digits_cnn.onnx", "digits_train.npz", "digits_eval.npz", "size", 20.0),
-    "tiny_encoder": ("tiny_encoder.onnx", "encoder_calib.npz", "encoder_eval.npz", "latency",
+    "tiny_encoder": ("tiny_encoder.onnx", "encoder_train.npz", "encoder_eval.npz", "latency",
                      1.5),
 }
 MAX_DROP = 1.0
@@ -56,7 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=200, help="most trials per model")
     p.add_argument("--epochs", default="0,20", help="distill epoch choices (default 0,20)")
     p.add_argument("--workers", type=int, default=2, help="sensitivity worker processes")
-    p.set_defaults(threads="1", batch="1", runs=300, warmup=20, samples=10**9, no_memory=True)
+    p.add_argument("--search-batch", type=int, default=32,
+                   help="batch the latency search times trials at (default 32)")
+    p.set_defaults(threads="1", batch="1,32", runs=300, warmup=20, samples=10**9,
+                   no_memory=True)  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -64,13 +71,14 @@ def search(name: str, args: argparse.Namespace) -> tuple[onnxcomp.search.AutoRes
     model, fit, evaluation, objective, _ = DEMOS[name]
     out = Path(tempfile.mkdtemp(prefix="onnxcomp-auto-")) / f"{name}.auto.onnx"
     epochs = tuple(int(e) for e in args.epochs.split(",") if e.strip())
+    batch = args.search_batch if objective == "latency" else 1
     started = time.perf_counter()
     with _progress() as progress:
         result = onnxcomp.auto(
             REPO / "models" / model, REPO / "models" / fit, eval_data=REPO / "models" / evaluation,
             max_drop=MAX_DROP, objective=objective, output=out, trials=args.trials,
             time_budget=args.budget, distill_epochs=epochs, distill_options="lr=0.003",
-            timing=Timing(batch=1, threads=1, seconds=0.5), workers=args.workers,
+            timing=Timing(batch=batch, threads=1, seconds=1.0), workers=args.workers,
             progress=progress,
         )  # fmt: skip
     result.space["search_seconds"] = round(time.perf_counter() - started, 1)
@@ -143,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         print_summary(data, out, meta=META,
                       title=f"{name}: top-1 on {evaluation} (held out); p50 latency, ORT CPU, "
                       f"threads {args.threads}, batch {args.batch}")  # fmt: skip
+        batch = args.search_batch if objective == "latency" else None
         reports[name] = {"bench": data, "auto": result.to_dict() if result else None}
-        verdicts.append(_verdict(name, data, objective, goal))
+        verdicts.append(_verdict(name, data, objective, goal, batch))
     for line in verdicts:
         out.print(line, highlight=False)
     if args.json:
@@ -153,13 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _verdict(name: str, data: dict[str, Any], objective: str, goal: float) -> str:
-    """The issue's target for ``name``, judged on the bench's own measurements."""
+def _verdict(name: str, data: dict[str, Any], objective: str, goal: float,
+             batch: int | None) -> str:  # fmt: skip
+    """The issue's target for ``name``, judged on the bench's own measurements (the speed-up
+    at the search's ``batch``; the other batches' beside it)."""
     models = {m["label"]: m for m in data["models"]}
-    cells = {r["model"]: r for r in data["results"] if r["status"] == "ok"}
-    fp32 = cells.get("fp32")
+    cells: dict[tuple[str, int], dict[str, Any]] = {
+        (r["model"], r["batch"]): r for r in data["results"] if r["status"] == "ok"}
+    batches = sorted({b for _, b in cells})
     auto = next((label for label in models if label.startswith("auto")), None)
-    got = cells.get(auto) if auto else None
+    judged = batch if batch in batches else (batches[0] if batches else None)
+
+    def p50(key: tuple[str, int]) -> float:
+        return cells[key]["latency"]["p50"]
+
+    fp32, got = cells.get(("fp32", judged)), cells.get((auto, judged))
     if fp32 is None or got is None:
         return f"target MISSED: {name}: the search's model was not measured"
     drop = 100 * ((fp32["accuracy"] or 0) - (got["accuracy"] or 0))
@@ -168,7 +185,10 @@ def _verdict(name: str, data: dict[str, Any], objective: str, goal: float) -> st
         what = f"{ratio:.1f}x smaller than fp32 (target >= {goal:g}x)"
     else:
         ratio = fp32["latency"]["p50"] / got["latency"]["p50"]
-        what = f"{ratio:.2f}x faster than fp32 (target >= {goal:g}x)"
+        others = [f"{p50(('fp32', b)) / p50((auto, b)):.2f}x at batch {b}" for b in batches
+                  if b != judged and ("fp32", b) in cells and (auto, b) in cells]  # fmt: skip
+        what = (f"{ratio:.2f}x faster than fp32 at batch {judged} (target >= {goal:g}x)"
+                + "".join(f"; {o}" for o in others))
     met = ratio >= goal and drop <= MAX_DROP
     return (f"target {'MET' if met else 'MISSED'}: {name}: {what}, top-1 drop {drop:+.2f} pt "
             f"(target <= {MAX_DROP:g}); file {format_bytes(models[auto]['file_bytes'])}")

@@ -28,6 +28,11 @@ Outputs, written next to this script:
 * ``encoder_calib.npz`` - ``input_ids``, ``attention_mask`` int64 [S, 32] padded with 0, and
                           ``labels`` int64 [S]
 * ``encoder_eval.npz``  - held-out eval split, same keys
+* ``encoder_train.npz`` - the first ``N_TRAIN_FILE`` training sequences, same keys: for
+                          distillation (512 calib samples are too few to win back pruning)
+
+``--data-only`` regenerates the data files from the same seed without training or exporting
+(the model is left as it is; calib and eval must come out identical to the files there).
 
 Run from the repository root: ``python models/build_tiny_encoder.py``. Training is deterministic
 (fixed seeds, single thread, deterministic algorithms) and takes about a minute on CPU.
@@ -39,6 +44,7 @@ import ast
 import collections
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +60,7 @@ HERE = Path(__file__).resolve().parent
 ONNX_PATH = HERE / "tiny_encoder.onnx"
 CALIB_PATH = HERE / "encoder_calib.npz"
 EVAL_PATH = HERE / "encoder_eval.npz"
+TRAIN_PATH = HERE / "encoder_train.npz"
 
 SEED = 0
 PAD, SEP = 0, 31
@@ -64,6 +71,7 @@ MIN_BODY, MAX_BODY = 6, MAX_LEN - 3
 MAX_COUNT = 6  # occurrences of A (and of B) in the body: 0..MAX_COUNT
 NUM_CLASSES = 3
 N_TRAIN, N_CALIB, N_EVAL = 16000, 512, 2000
+N_TRAIN_FILE = 4096
 
 D_MODEL, N_HEADS, D_MLP, N_LAYERS = 64, 4, 128, 2
 EPOCHS = 8
@@ -288,8 +296,32 @@ def check_onnx(path: Path) -> onnx.ModelProto:
     return model
 
 
+def write_train_split(train_data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """The first ``N_TRAIN_FILE`` training sequences, for distillation."""
+    ids, mask, labels = (a[:N_TRAIN_FILE] for a in train_data)
+    np.savez_compressed(TRAIN_PATH, input_ids=ids, attention_mask=mask, labels=labels)
+    kb = TRAIN_PATH.stat().st_size / 1024
+    print(f"  wrote {TRAIN_PATH.relative_to(HERE.parent)} ({kb:.1f} KB)")
+
+
+def data_only() -> None:
+    """Regenerate the data files from the seed; check calib and eval against the files there."""
+    rng = np.random.default_rng(SEED)
+    train_data = generate(N_TRAIN, rng)
+    for path, n in ((CALIB_PATH, N_CALIB), (EVAL_PATH, N_EVAL)):
+        arrays = generate(n, rng)
+        with np.load(path) as stored:
+            same = all(np.array_equal(a, stored[k]) for a, k in
+                       zip(arrays, ("input_ids", "attention_mask", "labels"), strict=True))
+        assert same, f"{path.name} differs from the regenerated split"
+    write_train_split(train_data)
+
+
 def main() -> None:
     """Generate data, train, export, verify against onnxruntime, and write the npz splits."""
+    if "--data-only" in sys.argv[1:]:
+        data_only()
+        return
     t0 = time.time()
     set_determinism(SEED)
     rng = np.random.default_rng(SEED)
@@ -347,6 +379,7 @@ def main() -> None:
 
     np.savez_compressed(CALIB_PATH, input_ids=calib_ids, attention_mask=calib_mask, labels=calib_y)
     np.savez_compressed(EVAL_PATH, input_ids=eval_ids, attention_mask=eval_mask, labels=eval_y)
+    write_train_split(train_data)
     for p in (ONNX_PATH, CALIB_PATH, EVAL_PATH):
         print(f"  wrote {p.relative_to(HERE.parent)} ({p.stat().st_size / 1024:.1f} KB)")
     print(

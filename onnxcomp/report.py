@@ -737,6 +737,11 @@ def print_auto(data: dict[str, Any], console: Console) -> None:
                   f"'{data['study_name']}': {len(trials)} trials, {len(done)} completed, "
                   f"{len(feasible)} within a drop of {data['max_drop']:g} {unit}",
                   highlight=False)  # fmt: skip
+    timing = data.get("timing") or {}
+    if timing:
+        console.print(f"latency: ONNX Runtime CPU, batch {timing['batch']}, "
+                      f"{timing['threads']} thread(s), interleaved with the input model",
+                      highlight=False)  # fmt: skip
     pareto = set(data["pareto"])
     best = data["best"]["number"] if data.get("best") else None
     table = Table(title="Pareto front (metric vs size and latency; * = best within the bound)",

@@ -5,6 +5,12 @@ reshape and slice clean-ups), function inlining, dead code, identity elimination
 subexpressions, initializer deduplication, and weights held in ``Constant`` nodes lifted to
 initializers so every later pass sees them as weights. Outputs stay within fp32 rounding.
 
+One rewrite of onnxcomp's own puts erf-GELU written as ``x * (0.5 * (1 + erf(x / sqrt 2)))``
+(PyTorch's exporter) into the order ONNX Runtime's GELU fusion recognises,
+``((1 + erf(x / sqrt 2)) * x) * 0.5``: bit-identical (multiplying by 0.5 is exact), and ONNX
+Runtime then runs one BiasGelu kernel where it ran five nodes (5% of the demo encoder's time
+at batch 1).
+
 Models on which onnxscript's constant folding is known to produce a wrong or invalid graph
 (see :func:`folding_hazard`) skip folding and rewriting, with a note saying why.
 """
@@ -18,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxscript.optimizer
 from onnx_ir.passes import common as common_passes
+from onnxscript.rewriter.pattern import RewriteRule, RewriteRuleSet
 
 from onnxcomp.errors import UsageError
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
@@ -64,6 +71,7 @@ class SimplifyPass(CompressionPass):
             )
         else:
             lift_constant_weights(model)
+        gelus = GELU_ORDER.apply_to_model(model)
         _make_contiguous(model)
         common_passes.DeduplicateHashedInitializersPass()(model)
         common_passes.RemoveUnusedNodesPass()(model)
@@ -75,9 +83,38 @@ class SimplifyPass(CompressionPass):
             # onnxscript's default rules fuse BN into Conv/Gemm; say so rather than hide it.
             "batchnorms_fused": counts_before["BatchNormalization"]
             - counts_after["BatchNormalization"],
+            "gelus_reordered": gelus,
         }
         notes = [f"skipped constant folding and rewrite rules: {hazard}"] if hazard else []
         return CompressionResult(model, _fingerprint(model) != before, stats=stats, notes=notes)
+
+
+def _gelu_as_exported(op, x, half, root2, one):
+    return op.Mul(x, op.Mul(half, op.Add(op.Erf(op.Div(x, root2)), one)))
+
+
+def _gelu_as_fused(op, x, half, root2, one):
+    return op.Mul(op.Mul(op.Add(op.Erf(op.Div(x, root2)), one), x), half)
+
+
+def _gelu_constants(context, x, half, root2, one) -> bool:
+    """The three constants are the scalars GELU's formula has (any float dtype)."""
+    del context, x
+    expected = ((half, 0.5, 0.0), (one, 1.0, 0.0), (root2, float(np.sqrt(2.0)), 1e-6))
+    for value, number, tolerance in expected:
+        tensor = value.const_value
+        if tensor is None or tensor.size != 1 or not np.issubdtype(
+                tensor.numpy().dtype, np.floating):  # fmt: skip
+            return False
+        if abs(float(tensor.numpy().reshape(())) - number) > tolerance:
+            return False
+    return True
+
+
+GELU_ORDER = RewriteRuleSet(
+    [RewriteRule(_gelu_as_exported, _gelu_as_fused, _gelu_constants, name="gelu-order")],
+    commute=True,
+)
 
 
 def folding_hazard(model: ir.Model) -> str | None:

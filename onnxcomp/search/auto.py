@@ -63,6 +63,7 @@ class SearchSpace:
     prefix: str
     layers: tuple[Layer, ...]
     channel_ratios: tuple[float, ...]
+    prune_heads: tuple[bool, ...]  # (False, True) when the model has attention heads to prune
     sparsities: tuple[float, ...]
     lowrank_energies: tuple[float, ...]
     activations: tuple[str, ...]
@@ -80,6 +81,7 @@ class SearchSpace:
     def _dimensions(self) -> list[tuple[str, Sequence[Any]]]:
         dims: list[tuple[str, Sequence[Any]]] = []
         for key, choices in (("prune_channels", self.channel_ratios),
+                             ("prune_heads", self.prune_heads),
                              ("prune", self.sparsities), ("lowrank", self.lowrank_energies),
                              ("activations", self.activations),
                              ("distill", self.distill_epochs)):  # fmt: skip
@@ -97,7 +99,9 @@ class SearchSpace:
         p = self.complete(params)
         steps = [self.prefix] if self.prefix else []
         if p.get("prune_channels", 0):
-            steps.append(step("prune-channels", ratio=p["prune_channels"]))
+            # heads=false: hidden units only (FFN, Conv channels), every attention head kept
+            heads = None if p.get("prune_heads", self.prune_heads[-1]) else False
+            steps.append(step("prune-channels", ratio=p["prune_channels"], heads=heads))
         if p.get("prune", 0):
             steps.append(step("prune", sparsity=p["prune"]))
         if p.get("lowrank", 0):
@@ -168,6 +172,7 @@ class AutoResult:
     study_name: str
     storage: str | None
     space: dict[str, Any]
+    timing: dict[str, int]  # the batch and threads every trial's latency was measured at
     trials: list[TrialRecord]
     best: TrialRecord | None
     closest: TrialRecord | None
@@ -238,8 +243,13 @@ def run_auto(
     study_storage = open_storage(storage)
     name = study_name or f"onnxcomp-{label}-{objective}"
     study = _open_study(optuna, study_storage, name, objective, resume, seed, storage)
+    if timing.batch < 1 or timing.threads < 1:
+        raise UsageError(f"the timing batch and threads must be >= 1, not {timing.batch} and "
+                         f"{timing.threads}")  # fmt: skip
+    # latencies at another batch or thread count are not comparable: part of the study
     config = {"model": _fingerprint(model), "objective": objective, "max_drop": max_drop,
-              "metric": metric.spec, "target": target.kind}  # fmt: skip
+              "metric": metric.spec, "target": target.kind,
+              "timing": [timing.batch, timing.threads]}  # fmt: skip
     existing = study.user_attrs.get("config")
     if existing is not None and existing != config:
         changed = ", ".join(k for k in config if existing.get(k) != config[k])
@@ -301,7 +311,8 @@ def run_auto(
         model=label, objective=objective, metric=metric.spec, unit=metric.unit,
         max_drop=max_drop, base_score=evaluator.base_score, base_bytes=evaluator.base_bytes,
         held_out=held_out.description, study_name=name, storage=storage,
-        space=space.describe(), trials=records, best=best, closest=closest, fit=fit,
+        space=space.describe(), timing={"batch": timing.batch, "threads": timing.threads},
+        trials=records, best=best, closest=closest, fit=fit,
     )  # fmt: skip
 
 
@@ -331,10 +342,15 @@ def build_space(
     if epochs != (0,) and not _has_torch():
         raise UsageError("distillation needs torch: pip install torch==2.13.0")
     options = distill_options.strip(":")
+    if epochs != (0,) and "threads=" not in options:
+        # trials run one at a time and are timed on one thread: so is training, which runs
+        # several times faster than on torch's default team when other processes share the cores
+        options = ":".join(filter(None, ["threads=1", options]))
     return SearchSpace(
         prefix=prefix,
         layers=layers,
         channel_ratios=(0.0, 0.25, 0.5) if compute else (0.0,),
+        prune_heads=(False, True) if compute and _has_attention_heads(model) else (True,),
         sparsities=(0.0, 0.5, 0.8) if compute else (0.0,),
         lowrank_energies=(0.0, 0.99, 0.95) if big_matrices else (0.0,),
         activations=tuple(activations),
@@ -342,6 +358,17 @@ def build_space(
         distill_epochs=epochs,
         distill_options=f":{options}" if options else "",
     )
+
+
+def _has_attention_heads(model: ir.Model) -> bool:
+    """Whether prune-channels finds attention heads to remove (its analysis, on a copy)."""
+    import onnx_ir.passes.common as common_passes
+
+    from onnxcomp.analysis.channels import analyze_channels
+
+    copy = ir.from_proto(ir.to_proto(model))
+    common_passes.ShapeInferencePass()(copy)
+    return any(group.heads and group.safe for group in analyze_channels(copy).groups)
 
 
 def candidates(
@@ -375,19 +402,35 @@ def candidates(
         fast.append({**uniform["int8"], "activations": act})
         for energy in space.lowrank_energies[1:]:
             fast.append({**uniform["int8"], "activations": act, "lowrank": energy})
+    pruned: list[dict[str, Any]] = []  # structured pruning + int8 activations, untrained
     trained: list[dict[str, Any]] = []
     epochs = max(space.distill_epochs)
-    if epochs:
-        for ratio in sorted(space.channel_ratios, reverse=True):
-            if objective == "latency":  # fewer channels and heads run faster; low bits do not
-                trained.append({**uniform["int8"], "prune_channels": ratio, "distill": epochs,
-                                "activations": space.activations[-1]})
-                trained.append({"prune_channels": ratio, "distill": epochs})
-                continue
+    ratios = sorted((r for r in space.channel_ratios if r), reverse=True)
+    if objective == "latency":
+        # fewer channels and heads run faster, low bits do not. Untrained, hidden units (FFN)
+        # alone first: attention heads are what a transformer loses most by; trained, the
+        # biggest cut first (heads too), as distillation wins most of it back given the data
+        # int8 where int8 activations run it (Conv/Gemm/MatMul); embedding tables stay float,
+        # as int8 weights alone add a DequantizeLinear per run and save no time
+        act, compute = space.activations[-1], set(COMPUTE_OPS)
+        int8_compute = {f"bits/{layer.name}": "int8" if set(layer.op_types) & compute
+                        else "float" for layer in space.layers}  # fmt: skip
+        for ratio in ratios:
+            for heads in space.prune_heads:
+                shape = {"prune_channels": ratio, "prune_heads": heads}
+                pruned.append({**int8_compute, **shape, "activations": act})
+        if epochs:
+            shapes = [{"prune_channels": ratio, "prune_heads": heads} for ratio in ratios
+                      for heads in reversed(space.prune_heads)]  # fmt: skip
+            trained = [{**int8_compute, **shape, "activations": act, "distill": epochs}
+                       for shape in shapes]  # fmt: skip
+            trained += [{**shape, "distill": epochs} for shape in shapes]
+    elif epochs:
+        for ratio in [*ratios, 0.0]:
             trained.append({**uniform["int2"], "prune_channels": ratio, "distill": epochs})
             trained.append({**uniform["int4"], "prune_channels": ratio, "distill": epochs})
     if objective == "latency":
-        ordered = fast[:2] + trained + fast[2:] + cheap
+        ordered = fast[:2] + pruned + trained + fast[2:] + cheap
     elif objective == "size":
         ordered = cheap + trained + fast
     else:

@@ -126,8 +126,12 @@ def parse_techniques(text: str | Sequence[str] | None) -> list[str]:
 
 def lossless_prefix(model: ir.Model) -> str:
     """What every per-layer pipeline starts with: BatchNormalization folded first, so a
-    Conv's weights are judged as they will be quantised (with BN inside)."""
-    return "fold-bn" if has_op(model, "BatchNormalization") else ""
+    Conv's weights are judged as they will be quantised (with BN inside); ``simplify`` when
+    the model has Erf, as it puts erf-GELU in the order ONNX Runtime fuses (fewer nodes)."""
+    steps = ["fold-bn"] if has_op(model, "BatchNormalization") else []
+    if has_op(model, "Erf"):
+        steps.append("simplify")
+    return ",".join(steps)
 
 
 def run_sensitivity(

@@ -53,7 +53,7 @@ def test_without_torch_the_pass_says_how_to_install_it(tmp_path):
     ("values", "message"),
     [({"lr": "0"}, "lr must be in"), ({"holdout": "1"}, "holdout must be in"),
      ({"epochs": "0"}, "epochs must be"), ({"alpha": "2"}, "alpha must be"),
-     ({"provider": "tpu"}, "choose one of cpu, cuda")],
+     ({"provider": "tpu"}, "choose one of cpu, cuda"), ({"threads": "-1"}, "threads must be")],
 )  # fmt: skip
 def test_bad_options_are_usage_errors(values, message):
     with pytest.raises(UsageError, match=message):
@@ -80,6 +80,27 @@ def test_pipeline_gives_the_input_model_as_teacher():
     assert teacher.keys() == original.keys()
     for name, array in original.items():
         np.testing.assert_array_equal(teacher[name], array)
+
+
+def test_threads_option_trains_on_that_many_torch_threads_and_puts_them_back(monkeypatch):
+    import onnxcomp.distill.train as train_module
+
+    seen, real = [], train_module.train
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", spy)
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        onnxcomp.optimize(DIGITS, f"distill:{QUICK}:threads=1", data=CALIB, check="none")
+        assert seen == [1] and torch.get_num_threads() == 2
+        onnxcomp.optimize(DIGITS, f"distill:{QUICK}", data=CALIB, check="none")  # 0: untouched
+        assert seen == [1, 2]
+    finally:
+        torch.set_num_threads(original)
 
 
 def test_pruned_zeros_stay_at_the_same_positions():

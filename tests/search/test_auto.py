@@ -101,6 +101,29 @@ def test_a_custom_metric_is_used(fragile):
     assert result.best is not None and 0 < result.best.outcome.drop <= 1.0
 
 
+def test_latency_is_timed_at_the_batch_asked_for(capsys, fragile, tmp_path, monkeypatch):
+    import onnxcomp.search.evaluate as evaluate
+
+    timed = []  # the shapes of the feeds of every timed call, input model and trials alike
+    real_call = evaluate._call
+
+    def spy(session, feeds):
+        timed.append({name: array.shape for name, array in feeds.items()})
+        return real_call(session, feeds)
+
+    monkeypatch.setattr(evaluate, "_call", spy)
+    storage, report = tmp_path / "study.log", tmp_path / "trials.json"
+    args = ["auto", str(fragile["model"]), "--data", str(fragile["data"]), "--distill-epochs",
+            "0", "--trials", "2", "--storage", str(storage), "--json", str(report)]  # fmt: skip
+    assert main([*args, "-o", str(tmp_path / "small.onnx"), "--batch", "7"]) == 0
+    assert len(timed) >= 4 and all(shapes == {"x": (7, 16)} for shapes in timed)
+    assert json.loads(report.read_text())["timing"] == {"batch": 7, "threads": 1}
+    assert "batch 7" in capsys.readouterr().out
+    # latencies at batch 1 are not comparable with the study's: it refuses to continue
+    assert main([*args, "-o", str(tmp_path / "again.onnx"), "--resume"]) == 2
+    assert "timing differ" in capsys.readouterr().err
+
+
 def test_no_trial_within_the_bound_writes_nothing_and_names_the_closest(fragile, tmp_path):
     out = tmp_path / "small.onnx"
     with pytest.raises(LossBoundError, match="the closest, trial"):
@@ -117,6 +140,7 @@ def test_no_trial_within_the_bound_writes_nothing_and_names_the_closest(fragile,
         (["--storage", "nosuchdb://x"], 2, "cannot open --storage"),
         (["--storage", "/no/such/dir/study.log"], 2, "does not exist"),
         (["--metric", "nosuchmodule:f"], 2, "cannot load --metric"),
+        (["--batch", "0"], 2, "--batch must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line(capsys, fragile, tmp_path, extra, code, needle):
@@ -144,3 +168,44 @@ def test_sensitivity_cli_writes_table_json_and_heatmap(capsys, fragile, tmp_path
     assert main(["sensitivity", str(fragile["model"]), "--data", str(fragile["data"]),
                  "--techniques", "int3"]) == 2  # fmt: skip
     assert "unknown technique" in capsys.readouterr().err
+
+
+def test_latency_space_prunes_hidden_units_with_or_without_attention_heads():
+    from onnxcomp.search.auto import build_space, candidates
+    from onnxcomp.search.sensitivity import SensitivityReport
+
+    none = SensitivityReport("", "", "", 0.0, 0, "", "", 0, [], [])
+    encoder = onnxcomp.load(REPO / "models" / "tiny_encoder.onnx")
+    space = build_space(encoder, none, 1.0, distill_epochs=(0,))
+    assert space.describe()["prune_heads"] == [False, True]
+    queued = [space.pipeline(c) for c in candidates(space, none, 1.0, "latency")]
+    ffn_only = next(p for p in queued if "heads=false" in p)
+    # simplify first: the encoder computes GELU with Erf (put in the form ONNX Runtime fuses)
+    assert ffn_only.startswith("simplify,prune-channels:ratio=0.5:heads=false,int8-dynamic")
+    shapes = {}
+    for text in (ffn_only, ffn_only.replace(":heads=false", "")):
+        model, _ = onnxcomp.optimize(encoder, text.split(",int8-dynamic")[0], check="none",
+                                     bound=onnxcomp.LossBound(allow_loss=True))  # fmt: skip
+        shapes[text] = {n: v.shape.dims for n, v in model.graph.initializers.items()}
+    kept, cut = shapes.values()
+    assert kept["layers.0.attn.q_proj.weight.T"] == (64, 64)  # all 4 heads kept
+    assert cut["layers.0.attn.q_proj.weight.T"] == (64, 32)  # 2 of 4 heads removed
+    assert kept["layers.0.fc1.weight.T"] == cut["layers.0.fc1.weight.T"] == (64, 64)
+    cnn = build_space(onnxcomp.load(REPO / "models" / "digits_cnn.onnx"), none, 1.0,
+                      distill_epochs=(0,))  # fmt: skip
+    assert "prune_heads" not in cnn.describe()  # no attention: no such choice
+
+
+def test_search_trains_on_one_torch_thread_unless_told_otherwise():
+    pytest.importorskip("torch")
+    from onnxcomp.search.auto import build_space, candidates
+    from onnxcomp.search.sensitivity import SensitivityReport
+
+    none = SensitivityReport("", "", "", 0.0, 0, "", "", 0, [], [])
+    encoder = onnxcomp.load(REPO / "models" / "tiny_encoder.onnx")
+    for options, expected in (("lr=0.003", "distill:epochs=5:threads=1:lr=0.003"),
+                              ("threads=2", "distill:epochs=5:threads=2,")):  # fmt: skip
+        space = build_space(encoder, none, 1.0, distill_epochs=(5,), distill_options=options)
+        trained = [p for c in candidates(space, none, 1.0, "latency")
+                   if "distill" in (p := space.pipeline(c))]  # fmt: skip
+        assert trained and all(expected in p for p in trained)
