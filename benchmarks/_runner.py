@@ -40,6 +40,7 @@ from onnxcomp.bench import (
 )
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.report import console, emit_bench, format_bytes, progress_bar
+from onnxcomp.target import probe_host, resolve_target
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -190,6 +191,21 @@ def wide_console(width: int = 180) -> Console:
 
 def _maybe(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
+
+
+def cpu_header() -> str:
+    """The CPU this runs on and the flags that decide int8 layouts and speed."""
+    import onnxruntime
+
+    cpu = probe_host()
+    flags = {"AVX2": "avx2" in cpu.flags, "AVX512-VNNI": "avx512_vnni" in cpu.flags,
+             "AVX-VNNI": "avx_vnni" in cpu.flags, "AMX-INT8": cpu.amx}  # fmt: skip
+    listed = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items())
+    host = resolve_target("host", cpu=cpu)
+    return (
+        f"CPU: {cpu.model} ({cpu.arch}); {listed}; --target host = {host.kind} (int8-static "
+        f"layout {host.layout.name}); onnxruntime {onnxruntime.__version__}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from _runner import cpu_header
 from onnx import TensorProto, helper
 from rich import box
 from rich.table import Table
@@ -161,16 +161,6 @@ def files_of(model: Path) -> list[Path]:
     return [model, *sorted(model.parent.glob(model.name + ".data"))]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, required=True, help="scratch folder (needs 2x --gb free)")
@@ -205,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         for f in files_of(output):
             f.unlink(missing_ok=True)
 
-    table = Table(title=f"weight-only passes on {model} ({format_bytes(input_bytes)}), "
-                  f"CPU: {cpu_name()}, {os.cpu_count()} cores", box=box.SIMPLE)  # fmt: skip
+    console().print(f"{cpu_header()}; {os.cpu_count()} cores", highlight=False)
+    table = Table(title=f"weight-only passes on {model} ({format_bytes(input_bytes)})",
+                  box=box.SIMPLE)  # fmt: skip
     for column in ("pass", "seconds", "x read once", "peak RSS", "RSS / input", "output"):
         table.add_column(column, justify="left" if column == "pass" else "right")
     table.add_row("read once", f"{read_once['seconds']:.1f}", "1.0",
@@ -231,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     out.print(table)
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_name(), "input_bytes": input_bytes,
+        args.json.write_text(json.dumps({"cpu": cpu_header(), "input_bytes": input_bytes,
                                          "read_once": read_once, "imports": imports,
                                          "rows": rows}, indent=1))
     if not args.keep:

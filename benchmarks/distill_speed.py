@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 import torch.nn.functional as F
+from _runner import cpu_header
 from torch import nn
 
 from onnxcomp.distill import OnnxModule
@@ -116,18 +117,8 @@ def main() -> None:
     print(f"\n{'threads':>8}{'batch':>7}{'PyTorch ms':>12}{'interpreter ms':>16}{'ratio':>8}")
     for threads, batch, ref_ms, ours_ms in rows:
         print(f"{threads:>8}{batch:>7}{ref_ms:>12.2f}{ours_ms:>16.2f}{ours_ms / ref_ms:>8.2f}")
-    print(f"\n(median of {args.steps} steps after {args.warmup} warm-up steps; CPU: "
-          f"{_cpu_name()}; target ratio <= 1.5)")  # fmt: skip
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    print(f"\n(median of {args.steps} steps after {args.warmup} warm-up steps; target ratio "
+          f"<= 1.5)\n{cpu_header()}")  # fmt: skip
 
 
 if __name__ == "__main__":

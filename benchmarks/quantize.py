@@ -43,13 +43,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from _runner import bench, parser, print_summary, wide_console
+from _runner import bench, cpu_header, parser, print_summary, wide_console
 
 from onnxcomp import registry
 from onnxcomp.bench import Candidate
 from onnxcomp.io import write_text
 from onnxcomp.report import console, format_bytes, print_bench, to_json
-from onnxcomp.target import probe_host, resolve_target
 
 REPO = Path(__file__).resolve().parent.parent
 DEMOS = {
@@ -398,21 +397,6 @@ LEGEND = (
     f"reduce_range (7-bit weights); ort-matmulnbits4 = MatMulNBits 4-bit block {NBITS_BLOCK} "
     "symmetric; p50 at ONNX Runtime level 'all'"
 )
-
-
-def cpu_header() -> str:
-    """The CPU this runs on and the flags that decide int8 layouts and speed."""
-    import onnxruntime
-
-    cpu = probe_host()
-    flags = {"AVX2": "avx2" in cpu.flags, "AVX512-VNNI": "avx512_vnni" in cpu.flags,
-             "AVX-VNNI": "avx_vnni" in cpu.flags, "AMX-INT8": cpu.amx}  # fmt: skip
-    listed = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items())
-    host = resolve_target("host", cpu=cpu)
-    return (
-        f"CPU: {cpu.model} ({cpu.arch}); {listed}; --target host = {host.kind} (int8-static "
-        f"layout {host.layout.name}); onnxruntime {onnxruntime.__version__}"
-    )
 
 
 def print_report(name: str, report: dict[str, Any], detail: bool) -> None:
