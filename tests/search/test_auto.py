@@ -209,3 +209,34 @@ def test_search_trains_on_one_torch_thread_unless_told_otherwise():
         trained = [p for c in candidates(space, none, 1.0, "latency")
                    if "distill" in (p := space.pipeline(c))]  # fmt: skip
         assert trained and all(expected in p for p in trained)
+
+
+def test_trial_clock_leaves_out_a_kind_of_trial_that_would_pass_the_deadline():
+    from onnxcomp.search.auto import TrialClock
+
+    now = [0.0]
+    clock = TrialClock(deadline=100.0, now=lambda: now[0])
+    distilled, plain = "int8,distill:epochs=20", "int8"
+    assert clock.fits(distilled) and clock.fits(plain)  # nothing timed yet: always tried
+    clock.record(distilled, 40.0)
+    clock.record(plain, 2.0)
+    now[0] = 59.0
+    assert clock.fits(distilled)  # 59 + 40 <= 100
+    now[0] = 61.0
+    assert not clock.fits(distilled) and clock.fits(plain)  # 101 > 100, 63 <= 100
+    assert TrialClock(deadline=None).fits(distilled)  # no budget, no limit
+
+
+def test_trials_left_out_for_time_are_pruned_and_the_search_still_answers(fragile, monkeypatch):
+    auto_module = sys.modules["onnxcomp.search.auto"]  # the package's `auto` is the function
+    calls = []
+
+    def first_only(self, pipeline):
+        calls.append(pipeline)
+        return len(calls) == 1
+
+    monkeypatch.setattr(auto_module.TrialClock, "fits", first_only)
+    result = onnxcomp.auto(fragile["model"], fragile["data"], max_drop=1.0, time_budget=600,
+                           distill_epochs=(0,), trials=4)  # fmt: skip
+    assert len(calls) >= 2  # asked before each trial that was not cached
+    assert len(result.trials) == 1 and result.trials[0].state == "COMPLETE"
