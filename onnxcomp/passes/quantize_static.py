@@ -947,11 +947,12 @@ def _placement_report(placement: Placement, hard: bool) -> tuple[dict[str, objec
                                                                   strict=True))  # fmt: skip
     kept = sum(1 for d in placement.regions if d["int8"])
     if placement.float_only and not kept:
-        notes.append("measured: no region's int8 version pays on this machine; left in float")
+        notes.append("measured: no region's static int8 version pays on this machine; the "
+                     "regions are left in float")
     elif placement.float_only:
         notes.append(
             f"measured: int8 with {kept} of {len(placement.regions)} regions is slower than float "
-            f"on this machine (int8 / float latency {figures}); the model is left in float"
+            f"on this machine (int8 / float latency {figures}); the regions are left in float"
         )
     else:
         notes.append(
