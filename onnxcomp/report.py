@@ -742,6 +742,10 @@ def print_auto(data: dict[str, Any], console: Console) -> None:
         console.print(f"latency: ONNX Runtime CPU, batch {timing['batch']}, "
                       f"{timing['threads']} thread(s), interleaved with the input model",
                       highlight=False)  # fmt: skip
+    if data.get("retimed"):
+        numbers = ", ".join(str(n) for n in data["retimed"])
+        console.print(f"finalists timed again together before choosing: trials {numbers}",
+                      highlight=False)  # fmt: skip
     pareto = set(data["pareto"])
     best = data["best"]["number"] if data.get("best") else None
     table = Table(title="Pareto front (metric vs size and latency; * = best within the bound)",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -119,15 +119,23 @@ class Evaluator:
     def evaluate(self, pipeline: str, *, latency: bool = False) -> Outcome:
         """Compress, score on held-out data, size, and (with ``latency``) time; a pipeline
         that fails is an outcome with its error, not an exception."""
+        return self.evaluate_model(pipeline, latency=latency)[0]
+
+    def evaluate_model(
+        self, pipeline: str, *, latency: bool = False
+    ) -> tuple[Outcome, ir.Model | None]:
+        """:meth:`evaluate`, and the compressed model (None when the pipeline failed)."""
         started = time.perf_counter()
         outcome = Outcome(pipeline)
+        model = None
         try:
             model, outcome.applied = self.compress(pipeline)
             self.score_into(outcome, model, latency=latency)
         except OnnxcompError as e:
             outcome.error = " ".join(str(e).split())
+            model = None
         outcome.seconds = time.perf_counter() - started
-        return outcome
+        return outcome, model
 
     def score_into(self, outcome: Outcome, model: ir.Model, *, latency: bool) -> None:
         """Fill ``outcome``'s figures for ``model``."""
@@ -144,18 +152,26 @@ class Evaluator:
     def latency(self, model: ir.Model) -> tuple[float, float]:
         """(p50 ms of ``model``, input p50 / ``model`` p50), timed interleaved with the input
         model by bench's loop at ``timing``'s batch and threads, ONNX Runtime level all."""
+        return self.latencies([model])[0]
+
+    def latencies(
+        self, models: Sequence[ir.Model], seconds: float | None = None
+    ) -> list[tuple[float, float]]:
+        """:meth:`latency` of several models from one loop, all interleaved with the input
+        model (``seconds``: the loop's budget, default ``timing.seconds``)."""
         t = self.timing
         if self._base_session is None:
             self._base_session = runtime.make_session(self.model, level="all", threads=t.threads)
             self._feeds = make_feeds(self.model, t.batch, self.held_out)
-        session = runtime.make_session(model, level="all", threads=t.threads)
         feeds = self._feeds
         assert feeds is not None
-        base, new = self._base_session, session
-        samples = measure([_call(base, feeds), _call(new, feeds)], runs=t.runs,
-                          warmup=t.warmup, time_budget=t.seconds)  # fmt: skip
-        base_ms, new_ms = Latency.of(samples[0]).p50, Latency.of(samples[1]).p50
-        return new_ms, (base_ms / new_ms if new_ms > 0 else float("inf"))
+        sessions = [self._base_session]
+        sessions += [runtime.make_session(m, level="all", threads=t.threads) for m in models]
+        samples = measure([_call(s, feeds) for s in sessions], runs=t.runs, warmup=t.warmup,
+                          time_budget=seconds or t.seconds)  # fmt: skip
+        base_ms = Latency.of(samples[0]).p50
+        times = [Latency.of(s).p50 for s in samples[1:]]
+        return [(ms, base_ms / ms if ms > 0 else float("inf")) for ms in times]
 
 
 # Lossless passes a search appends or prepends; "changed nothing" ignores them.
