@@ -153,15 +153,17 @@ class Reference:
 LAYER_WEIGHT_INPUT = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
 SAMPLE_LAYERS = 4
 # A sampled layer's weight is held by ONNX Runtime (twice, when it folds a DequantizeLinear):
-# larger weights are not sampled, so the check stays within a few hundred MB.
+# larger weights are not sampled, and the layers added after one of each op type stay within
+# this in all, so the check stays within a few hundred MB and about a second.
 SAMPLE_MAX_WEIGHT_BYTES = 256 << 20
 _SAMPLE_ROWS = 2  # batch rows of a sampled layer's random input
 
 
 class LayerSample:
     """The numeric check of a model too big to run whole in memory: up to ``count`` layers (a
-    weight of at most ``max_weight_bytes`` and the node reading it), one per op type first,
-    then spread over the graph, each run alone in ONNX Runtime on random inputs. In a result
+    weight of at most ``max_weight_bytes`` and the node reading it), the smallest of each op
+    type first, then others spread over the graph while the sampled weights stay within
+    ``max_weight_bytes`` in all, each run alone in ONNX Runtime on random inputs. In a result
     the slice that computes the same output from the same inputs (the node with its
     DequantizeLinear, a MatMulNBits, Casts) is run instead. Same interface as
     :class:`Reference`, one "output" per layer; there are no labels, so no accuracy.
@@ -220,7 +222,8 @@ class LayerSample:
                 v.name: feeds[v.name].astype(v.dtype.numpy() if v.dtype else np.float32)
                 for v in sub.graph.inputs
             }
-            session = runtime.make_session(sub, level=self.level)
+            # Run once: repacking each weight for speed would only cost a copy of it.
+            session = runtime.make_session(sub, level=self.level, prepack=False)
             results.extend(runtime.run_batches(session, [typed])[0])
             del session
         return [results]
@@ -241,8 +244,10 @@ class LayerSample:
 
 
 def _sample_layers(graph: ir.Graph, count: int, max_bytes: int) -> list[ir.Node]:
-    """Layers to sample: the middle one of each op type (in order of first appearance), then
-    evenly spaced others, in graph order."""
+    """Layers to sample, in graph order: the one with the smallest weight of each op type (the
+    middle one among equals: every op type is checked, at the least cost), then others spread
+    evenly over the graph while the sampled weights stay within ``max_bytes`` in all (running
+    them costs time in proportion)."""
     candidates = []
     for node in graph:
         slot = LAYER_WEIGHT_INPUT.get(node.op_type)
@@ -257,16 +262,28 @@ def _sample_layers(graph: ir.Graph, count: int, max_bytes: int) -> list[ir.Node]
         activations = [v for v in node.inputs if v is not None and v.const_value is None]
         if len(activations) == 1 and len(node.outputs) == 1 and node.outputs[0].name:
             candidates.append(node)
+
+    def weight_bytes(node: ir.Node) -> int:
+        return node.inputs[LAYER_WEIGHT_INPUT[node.op_type]].const_value.nbytes  # type: ignore[union-attr]
+
     by_type: dict[str, list[ir.Node]] = {}
     for node in candidates:
         by_type.setdefault(node.op_type, []).append(node)
-    chosen = [nodes[len(nodes) // 2] for nodes in by_type.values()][:count]
+    chosen = []
+    for nodes in by_type.values():
+        smallest = min(map(weight_bytes, nodes))
+        equals = [n for n in nodes if weight_bytes(n) == smallest]
+        chosen.append(equals[len(equals) // 2])
+    chosen = chosen[:count]
+    total = sum(map(weight_bytes, chosen))
     rest = [n for n in candidates if n not in chosen]
     wanted = count - len(chosen)
     if wanted > 0 and rest:
         step = len(rest) / wanted
-        spread = (rest[min(int(i * step), len(rest) - 1)] for i in range(wanted))
-        chosen += list(dict.fromkeys(spread))
+        for node in dict.fromkeys(rest[min(int(i * step), len(rest) - 1)] for i in range(wanted)):
+            if total + weight_bytes(node) <= max_bytes:
+                chosen.append(node)
+                total += weight_bytes(node)
     order = {node: i for i, node in enumerate(candidates)}
     return sorted(chosen, key=order.__getitem__)
 

@@ -89,9 +89,9 @@ def save(
             has_external_tensors(model) or weight_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
         )
     data_name = f"{path.name}.data"
-    written = [path] + ([target_dir / data_name] if external_data else [])
+    written_files = [path] + ([target_dir / data_name] if external_data else [])
     guarded = {_real(p) for p in protect} | {_real(p) for p in external_files(model)}
-    for target in written:
+    for target in written_files:
         if _real(target) in guarded:
             raise UsageError(f"refusing to overwrite {target}: the input model is read from it")
 
@@ -105,18 +105,32 @@ def save(
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=target_dir))
     except OSError as e:
         raise UsageError(f"cannot write to {target_dir}: {e.strerror}") from None
+    scratch = model.graph.meta.get(SCRATCH_KEY)
+    moved: Path | None = None  # where the scratch file was, when it became the output's data
+    written = False
     try:
-        ir.save(model, tmp_dir / path.name, external_data=data_name if external_data else None)
+        if external_data and isinstance(scratch, ScratchData):
+            moved = scratch.adopt_into(model, tmp_dir / path.name, data_name)
+        if moved is None:
+            ir.save(model, tmp_dir / path.name, external_data=data_name if external_data else None)
         # Counted here: once renamed, another writer of the same output may replace them.
-        size = sum((tmp_dir / p.name).stat().st_size for p in written)
+        size = sum((tmp_dir / p.name).stat().st_size for p in written_files)
         with _folder_lock(target_dir):
             if external_data:
                 path.unlink(missing_ok=True)
                 os.replace(tmp_dir / data_name, target_dir / data_name)
             os.replace(tmp_dir / path.name, path)
+        written = True
+        if moved is not None:
+            _read_from(model, moved, target_dir / data_name)
     except OSError as e:
         raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
+        if moved is not None and not written:
+            for place in (tmp_dir / data_name, target_dir / data_name):
+                if place.exists():  # the model's new weights go back where the model reads them
+                    os.replace(place, moved)
+                    break
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return size
 
@@ -125,6 +139,11 @@ def save(
 SCRATCH_KEY = "onnxcomp.scratch"
 SCRATCH_PREFIX = ".onnxcomp-scratch."
 _SCRATCH_ALIGN = 64
+# A scratch file becomes the output's data file (no copy) when the model reads at least this
+# share of it; below, the weights later passes replaced would be dead bytes in the output.
+ADOPT_MIN_LIVE = 0.9
+# Initializers of at least this many bytes go to external data (ir.save's default threshold).
+EXTERNAL_MIN_BYTES = 256
 
 
 class ScratchData:
@@ -153,20 +172,94 @@ class ScratchData:
     def store(self, tensor: ir.TensorProtocol) -> ir.ExternalTensor:
         """Append ``tensor``'s bytes and return a tensor reading them back from the file."""
         with open(self.path, "r+b") as f:
-            f.seek(0, os.SEEK_END)
-            offset = -(-f.tell() // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
-            f.seek(offset)
-            tensor.tofile(f)
-            length = f.tell() - offset
+            offset, length = _append(f, tensor)
         self.bytes += length
         return ir.ExternalTensor(
             self.path.name, offset, length, tensor.dtype, shape=ir.Shape(tensor.shape),
             name=tensor.name or "", base_dir=self.dir,
         )  # fmt: skip
 
+    def adopt_into(self, model: ir.Model, onnx_path: Path, data_name: str) -> Path | None:
+        """Write ``model`` as ``onnx_path`` with the scratch file itself, moved beside it as
+        ``data_name``, as its external data (the model's other weights appended), so saving
+        copies none of the new weights. Returns where the file was (the caller links it
+        there once the output is in place, or moves it back), or None, having written
+        nothing, when a copy is the better choice: the model reads less than
+        :data:`ADOPT_MIN_LIVE` of the file (weights a later pass replaced), or the output is
+        on another file system. The model's tensors are left as they were (the caller points
+        them at the output once it is in place: :func:`_read_from`)."""
+        initializers = [
+            v for graph in model.graphs() for v in graph.initializers.values()
+            if v.const_value is not None
+        ]  # fmt: skip
+        scratch_file = _real(self.path)
+        ours = {
+            (v.const_value.offset, v.const_value.length)
+            for v in initializers
+            if isinstance(v.const_value, ir.ExternalTensor)
+            and _real(v.const_value.path) == scratch_file
+        }
+        size = self.path.stat().st_size
+        if not ours or sum(length for _, length in ours) < ADOPT_MIN_LIVE * size:
+            return None
+        data_path = onnx_path.parent / data_name
+        moved = self.path
+        try:
+            os.rename(moved, data_path)  # fails across file systems: then copy
+        except OSError:
+            return None
+        # Later stores go to a new file: the output's data must not grow after it is written.
+        self.path = self.dir / f"weights.{len(list(self.dir.iterdir()))}.data"
+        self.path.touch()
+        kept = {v: v.const_value for v in initializers}
+        try:
+            with open(data_path, "r+b") as f:
+                for value, tensor in kept.items():
+                    if isinstance(tensor, ir.ExternalTensor) and _real(tensor.path) == scratch_file:
+                        offset, length = tensor.offset, tensor.length
+                    elif tensor.nbytes >= EXTERNAL_MIN_BYTES:
+                        offset, length = _append(f, tensor)
+                    else:
+                        continue  # small: inline, as ir.save leaves it
+                    value.const_value = ir.ExternalTensor(
+                        data_name, offset, length, tensor.dtype, shape=ir.Shape(tensor.shape),
+                        name=tensor.name or value.name or "", base_dir=onnx_path.parent,
+                    )  # fmt: skip
+            onnx_path.write_bytes(ir.to_proto(model).SerializeToString())
+        except BaseException:
+            os.replace(data_path, moved)
+            raise
+        finally:
+            for value, tensor in kept.items():
+                value.const_value = tensor
+        return moved
+
     def close(self) -> None:
         """Remove the folder now (tensors stored in it can no longer be read)."""
         self._finalizer()
+
+
+def _read_from(model: ir.Model, old: Path, new: Path) -> None:
+    """Point the model's tensors stored in file ``old`` (moved) at the same bytes in ``new``:
+    the model reads its new weights from the output it was saved as, as if loaded from it."""
+    old_file = _real(old)
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and _real(tensor.path) == old_file:
+                value.const_value = ir.ExternalTensor(
+                    new.name, tensor.offset, tensor.length, tensor.dtype,
+                    shape=ir.Shape(tensor.shape), name=tensor.name, base_dir=new.parent,
+                )  # fmt: skip
+
+
+def _append(f, tensor: ir.TensorProtocol) -> tuple[int, int]:
+    """Write ``tensor``'s bytes at the end of open file ``f`` (aligned); offset and length."""
+    f.seek(0, os.SEEK_END)
+    offset = -(-f.tell() // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    f.seek(offset)
+    tensor.tofile(f)
+    return offset, f.tell() - offset
 
 
 def release(tensor: ir.TensorProtocol | None) -> None:

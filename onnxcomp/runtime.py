@@ -39,18 +39,34 @@ def make_session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     level: str = "basic",
     threads: int | None = None,
+    prepack: bool = True,
 ) -> ort.InferenceSession:
-    """An InferenceSession for ``model``; a one-line OnnxcompError if ONNX Runtime rejects it."""
+    """An InferenceSession for ``model``; a one-line OnnxcompError if ONNX Runtime rejects it.
+
+    Weights the model reads from external data files (memory-mapped) are handed to ONNX
+    Runtime as they are, not copied (:func:`_shared_weights`). ``prepack=False`` skips ONNX
+    Runtime's repacking of MatMul weights: a session run once or twice (a sampled check) then
+    does not copy each weight again.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
     options.log_severity_level = LOG_SEVERITY
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        if weight_bytes(model) < _INLINE_LIMIT_BYTES and not has_external_tensors(model):
-            data = ir.to_proto(model).SerializeToString()
-            return ort.InferenceSession(data, options, providers=list(providers))
+        shared = _shared_weights(model)
+        if shared is not None:
+            names, values = shared
+            if names:
+                options.add_external_initializers(names, values)
+            session = ort.InferenceSession(
+                _inline_proto(model, set(names)), options, providers=list(providers)
+            )
+            session._onnxcomp_weights = values  # ONNX Runtime reads them; they must outlive it
+            return session
         with tempfile.TemporaryDirectory(prefix="onnxcomp-ort-") as tmp:
             path = Path(tmp) / "model.onnx"
             ir.save(model, path, external_data="model.onnx.data")
@@ -60,6 +76,47 @@ def make_session(
     except Exception as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OnnxcompError(f"ONNX Runtime cannot load the model: {message[:400]}") from None
+
+
+def _shared_weights(model: ir.Model) -> tuple[list[str], list[ort.OrtValue]] | None:
+    """The main graph's external weights as OrtValues over their memory-mapped bytes (no
+    copy), by name, when everything else fits in one serialised model: the other weights
+    (in memory, sub-byte external ones, subgraphs') under protobuf's 2 GB. None otherwise."""
+    names: list[str] = []
+    values: list[ort.OrtValue] = []
+    shared_bytes = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor) or tensor.dtype.bitwidth < 8:
+            continue
+        array = tensor.numpy()
+        if array.dtype.kind not in "fiub":
+            continue  # ml_dtypes (bfloat16, float8, kind "V"): inlined by _inline_proto
+        names.append(value.name or "")
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+        shared_bytes += tensor.nbytes
+    if weight_bytes(model) - shared_bytes >= _INLINE_LIMIT_BYTES:
+        return None
+    return names, values
+
+
+def _inline_proto(model: ir.Model, shared: set[str]) -> bytes:
+    """``model`` serialised with every weight inline except the main graph's ``shared`` ones
+    (left as external references, which ONNX Runtime takes from the session options)."""
+    swapped = {}
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and not (
+                graph is model.graph and value.name in shared
+            ):
+                swapped[value] = tensor
+                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+    try:
+        return ir.to_proto(model).SerializeToString()
+    finally:
+        for value, tensor in swapped.items():
+            value.const_value = tensor
 
 
 def run_batches(

@@ -29,13 +29,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcomp
-from onnxcomp import instrument
+from onnxcomp import instrument, io
 from onnxcomp.cli import main
-from onnxcomp.errors import PassFailedError
+from onnxcomp.errors import PassFailedError, UsageError
 from onnxcomp.io import SCRATCH_KEY, SCRATCH_PREFIX, ScratchData
 from onnxcomp.masks import nm
 from onnxcomp.passes import _weights
 from onnxcomp.passes._base import CompressionPass, CompressionResult
+from onnxcomp.pipeline import run_pipeline
 from onnxcomp.quant import linear
 from tests.conftest import LOSS_ALLOWED, REPO
 
@@ -329,3 +330,110 @@ def test_sampled_check_feeds_every_layer_kind(tmp_path: Path) -> None:
         "gemm (Gemm)": (2, 8),
         "table (Gather)": (4, 2, 3),
     }
+
+
+def _streamed(big_path: Path, tmp_path: Path, passes: str) -> ir.Model:
+    """``passes`` run on the big model as the pipeline streams it (scratch beside tmp_path)."""
+    model = onnxcomp.load(big_path)
+    run_pipeline(model, passes, check="none", bound=LOSS_ALLOWED, stream_above=STREAM_ABOVE,
+                 scratch_dir=tmp_path)  # fmt: skip
+    return model
+
+
+def _same_weights(model: ir.Model, path: Path) -> None:
+    written = onnxcomp.load(path)
+    for name, value in model.graph.initializers.items():
+        np.testing.assert_array_equal(
+            written.graph.initializers[name].const_value.numpy(), value.const_value.numpy()
+        )
+
+
+def test_the_scratch_file_becomes_the_output_data_without_a_copy(
+    big_path: Path, tmp_path: Path
+) -> None:
+    model = _streamed(big_path, tmp_path, "int8")
+    scratch = model.graph.meta[SCRATCH_KEY]
+    first_file, inode = scratch.path, scratch.path.stat().st_ino
+    out = tmp_path / "out.onnx"
+    io.save(model, out)
+    data = tmp_path / "out.onnx.data"
+    # The same file, moved: one link (onnx.checker refuses a data file with two).
+    assert data.stat().st_ino == inode and data.stat().st_nlink == 1
+    onnx.checker.check_model(str(out), full_check=True)
+    # The model now reads its new weights from the output, as if loaded from it...
+    assert not first_file.exists() and tmp_path / "out.onnx.data" in io.external_files(model)
+    _same_weights(model, out)
+    with pytest.raises(UsageError, match="refusing to overwrite"):
+        io.save(model, out)  # so it cannot be written over it
+    assert np.isfinite(_run(out)).all()
+    # ...and what it stores later goes to a new scratch file, not into the written output.
+    size = data.stat().st_size
+    scratch.store(ir.tensor(np.ones(1 << 20, np.float32), name="later"))
+    assert scratch.path != first_file and data.stat().st_size == size
+
+
+def test_a_scratch_file_holding_replaced_weights_is_copied_not_kept(
+    big_path: Path, tmp_path: Path
+) -> None:
+    # fp16 keeps its half-precision weights in the scratch file, int8 then replaces them: most
+    # of the file is weights the model no longer reads, which the output must not carry.
+    model = _streamed(big_path, tmp_path, "fp16,int8")
+    scratch_bytes = model.graph.meta[SCRATCH_KEY].path.stat().st_size
+    io.save(model, tmp_path / "out.onnx")
+    data = tmp_path / "out.onnx.data"
+    assert data.stat().st_size < 0.5 * scratch_bytes
+    assert data not in io.external_files(model)
+    _same_weights(model, tmp_path / "out.onnx")
+
+
+def test_a_failed_write_gives_the_scratch_file_back(
+    big_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _streamed(big_path, tmp_path, "int8")
+    scratch_file = model.graph.meta[SCRATCH_KEY].path
+    expected = {n: v.const_value.numpy().copy() for n, v in model.graph.initializers.items()}
+    real_replace = os.replace
+
+    def replace(src, dst):  # the data file is renamed in, the model file is not
+        if str(dst).endswith("out.onnx"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(UsageError, match="No space left"):
+        io.save(model, tmp_path / "out.onnx")
+    monkeypatch.undo()
+    assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.onnx.data").exists()
+    assert scratch_file.is_file() and scratch_file in io.external_files(model)
+    for name, value in model.graph.initializers.items():
+        np.testing.assert_array_equal(value.const_value.numpy(), expected[name])
+    io.save(model, tmp_path / "out.onnx")  # and a second try writes it
+    _same_weights(model, tmp_path / "out.onnx")
+
+
+def test_an_output_on_another_file_system_gets_a_copy(
+    big_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _streamed(big_path, tmp_path, "int8")
+    scratch_file = model.graph.meta[SCRATCH_KEY].path
+
+    def rename(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(io.os, "rename", rename)
+    io.save(model, tmp_path / "out.onnx")
+    assert scratch_file.is_file() and scratch_file in io.external_files(model)
+    onnx.checker.check_model(str(tmp_path / "out.onnx"))
+    _same_weights(model, tmp_path / "out.onnx")
+
+
+def test_sampled_layers_stay_within_the_byte_budget(big_path: Path) -> None:
+    model = onnxcomp.load(big_path)
+    mib = 1 << 20
+    # One of each op type always (the smallest: proj 4 MiB, conv 3 MiB; the 8 MiB MatMuls
+    # tie, so the middle one), then more only while the sample stays within the budget.
+    sample = instrument.LayerSample(model, count=10, max_weight_bytes=32 * mib)
+    assert sample.names == ["embed (Gather)", "up0 (MatMul)", "down1 (MatMul)", "proj (Gemm)",
+                            "conv (Conv)"]  # fmt: skip
+    assert len(instrument.LayerSample(model, count=10).names) == 9  # every layer fits 256 MiB
+    assert instrument.LayerSample(model, count=2).names == ["embed (Gather)", "down1 (MatMul)"]
