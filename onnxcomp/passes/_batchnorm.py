@@ -16,18 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-import onnxscript.optimizer
 from onnx_ir.passes import common as common_passes
-from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
-from onnxscript.rewriter.rules.common import (
-    fuse_batchnorm_into_conv_rule,
-    fuse_batchnorm_into_conv_transpose_rule,
-    fuse_batchnorm_into_gemm_rule,
-)
 
 from onnxcomp.passes._opset import onnx_opset, upgrade_opset
 from onnxcomp.passes._weights import add_initializer, lift_constant_weights
-from onnxcomp.passes.simplify import folding_hazard
 
 BN_EPSILON_DEFAULT = 1e-5
 # BatchNormalization-9 dropped the `spatial` attribute whose `0` value changes the math.
@@ -47,6 +39,13 @@ def fold_batchnorms(model: ir.Model) -> tuple[int, list[str]]:
     notes: list[str] = []
     if not batchnorms(model):
         return 0, notes
+    # onnxscript (~0.15 s to import) only when there is something to fold: every weight
+    # quantisation pass comes through here.
+    import onnxscript.optimizer
+
+    from onnxcomp.passes._batchnorm_rules import FOLD_RULES
+    from onnxcomp.passes.simplify import folding_hazard
+
     if onnx_opset(model) < BN_MIN_OPSET:
         notes += upgrade_opset(model, BN_MIN_OPSET, why="folding BatchNormalization")
     # The fusion rules need constant initializers: exporters hold weights in Constant nodes,
@@ -56,7 +55,7 @@ def fold_batchnorms(model: ir.Model) -> tuple[int, list[str]]:
         onnxscript.optimizer.fold_constants(model)
     lift_constant_weights(model)
     names = _linear_names(model.graph)
-    folded = _RULES.apply_to_model(model)
+    folded = FOLD_RULES.apply_to_model(model)
     common_passes.RemoveUnusedNodesPass()(model)
     _restore_names(model.graph, names)
     return folded, notes
@@ -332,80 +331,3 @@ def _channel_operand(node: ir.Node, x: ir.Value, rank: int, channels: int) -> np
         return None
     array = other.const_value.numpy().astype(np.float64).reshape(-1)
     return np.broadcast_to(array, (channels,)).copy()
-
-
-class _FoldBatchNormIntoMatMul(RewriteRuleClassBase):
-    """``BN(MatMul(x, W))`` -> ``MatMul(x, W * s) + shift`` for rank-2 x."""
-
-    def pattern(self, op, x, w):
-        return op.BatchNormalization(op.MatMul(x, w), _allow_other_inputs=True, _outputs=["bn_out"])
-
-    def check(self, context, x, w, bn_out, **_):
-        return _check_matmul_fold(x, w, None, bn_out)
-
-    def rewrite(self, op, x, w, bn_out, **_):
-        return _fold_matmul(op, x, w, None, bn_out)
-
-
-class _FoldBatchNormIntoMatMulAdd(RewriteRuleClassBase):
-    """``BN(MatMul(x, W) + b)`` -> ``MatMul(x, W * s) + (b * s + shift)`` for rank-2 x."""
-
-    def pattern(self, op, x, w, b):
-        return op.BatchNormalization(
-            op.Add(op.MatMul(x, w), b), _allow_other_inputs=True, _outputs=["bn_out"]
-        )
-
-    def check(self, context, x, w, b, bn_out, **_):
-        return _check_matmul_fold(x, w, b, bn_out)
-
-    def rewrite(self, op, x, w, b, bn_out, **_):
-        return _fold_matmul(op, x, w, b, bn_out)
-
-
-def _check_matmul_fold(x, w, b, bn_out) -> MatchResult:
-    result = MatchResult()
-    bn_node = bn_out.producer()
-    if any(o.uses() or o.is_graph_output() for o in bn_node.outputs[1:]):
-        return result.fail("training-mode BatchNormalization")
-    if any(v is None or v.const_value is None for v in bn_node.inputs[1:5]):
-        return result.fail("BatchNormalization statistics are not constant")
-    for value in [w] if b is None else [w, b]:
-        if value.const_value is None or not value.is_initializer() or value.is_graph_input():
-            return result.fail(f"{value.name} is not a constant initializer")
-        if len(value.uses()) > 1:
-            return result.fail(f"{value.name} is shared with another node")
-    if w.const_value.shape is None or len(w.const_value.shape) != 2:
-        return result.fail("MatMul weight is not a matrix")
-    # BN normalises axis 1; that is MatMul's output axis only when x is a matrix.
-    if x.shape is None or len(x.shape) != 2:
-        return result.fail("activation rank is not known to be 2")
-    channels = w.const_value.shape[1]
-    if bn_node.inputs[1].const_value.shape[0] != channels:
-        return result.fail("BatchNormalization size differs from the MatMul output size")
-    if b is not None and b.const_value.size not in (1, channels):
-        return result.fail("bias does not broadcast per output channel")
-    return result
-
-
-def _fold_matmul(op, x, w, b, bn_out):
-    scale, shift = bn_scale_shift(bn_out.producer())
-    weight = w.const_value.numpy()
-    bias = b.const_value.numpy().reshape(-1) if b is not None else np.zeros(1)
-    dtype = weight.dtype
-    new_w = op.initializer(ir.tensor((weight * scale).astype(dtype)), name=f"{w.name}_bnfold")
-    new_b = op.initializer(
-        ir.tensor((bias * scale + shift).astype(dtype)), name=f"{w.name}_bnfold_bias"
-    )
-    return op.Add(op.MatMul(x, new_w), new_b)
-
-
-_RULES = RewriteRuleSet(
-    [
-        fuse_batchnorm_into_conv_rule,
-        fuse_batchnorm_into_conv_transpose_rule,
-        fuse_batchnorm_into_gemm_rule,
-        _FoldBatchNormIntoMatMulAdd.rule(),
-        _FoldBatchNormIntoMatMul.rule(),
-    ],
-    commute=True,
-)
