@@ -81,6 +81,7 @@ from onnxcomp.passes._weights import (
     Skipped,
     Weight,
     add_initializer,
+    all_finite,
     describe_skips,
     find_weights,
     lift_constant_weights,
@@ -741,10 +742,8 @@ class _InputStats:
 
 
 def _finite(weight: Weight) -> bool:
-    # min and max propagate NaN and meet any inf: two reductions, no boolean copy (8x faster
-    # than isfinite().all() on a 500 MB weight)
     array = weight.array
-    finite = array.size == 0 or bool(np.isfinite(array.min()) and np.isfinite(array.max()))
+    finite = all_finite(array)
     del array  # a live view keeps the mapping: release could not unmap it
     release(weight.value.const_value)
     return finite

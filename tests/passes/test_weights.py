@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp.passes import MagnitudePruneOptions, MagnitudePrunePass
-from onnxcomp.passes._weights import find_weights, fold_weight_views
+from onnxcomp.passes import MagnitudePruneOptions, MagnitudePrunePass, _weights
+from onnxcomp.passes._weights import all_finite, find_weights, fold_weight_views
 from tests.conftest import run_onnx
 
 
@@ -152,3 +153,20 @@ def test_reshaped_and_unsqueezed_weights_are_folded_into_initializers():
     x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
     np.testing.assert_allclose(run_onnx(ir.serde.serialize_model(model), {"x": x})[0],
                                run_onnx(proto, {"x": x})[0], rtol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [0, 1000, 2047, -1])
+def test_all_finite_finds_one_bad_value_in_any_piece(
+    bad: float, where: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_weights, "FINITE_CHUNK_ELEMENTS", 64)  # 32 pieces over the threads
+    array = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float16)
+    assert all_finite(array)
+    array.reshape(-1)[where] = bad
+    assert not all_finite(array)
+    assert not all_finite(array[:, ::-1])  # a strided view is read as a copy, same answer
+
+
+def test_all_finite_of_empty_and_integer_arrays() -> None:
+    assert all_finite(np.zeros((0, 3), np.float32)) and all_finite(np.arange(5))
