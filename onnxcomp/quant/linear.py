@@ -236,7 +236,8 @@ def linear_params(
             raise ValueError(f"limit must be in (0, {qmax}] and symmetric, not {limit}")
         qmax = limit
     w = np.asarray(w)
-    extremes = group_extremes(w, axis, block_size) if w.dtype.kind == "f" else None
+    floating = w.dtype.kind == "f" or w.dtype in FLOAT32_EXACT
+    extremes = group_extremes(w, axis, block_size) if floating else None
     if symmetric:
         if extremes is None:
             amax = reduce_groups(

@@ -84,8 +84,8 @@ def ternarize(
 
 
 def _fast(w: np.ndarray) -> bool:
-    """Whether ``w`` takes the piecewise path (float, non-empty)."""
-    return w.dtype.kind == "f" and w.size > 0
+    """Whether ``w`` takes the piecewise path (float, bfloat16 included; non-empty)."""
+    return (w.dtype.kind == "f" or w.dtype in FLOAT32_EXACT) and w.size > 0
 
 
 def _ternarize_plain(
