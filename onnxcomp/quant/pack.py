@@ -3,7 +3,11 @@ element in the lowest bits of each byte, the last byte padded with zero bits."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+
+PIECE_WORDS = 1 << 16  # words packed at once: the temporaries stay in cache
 
 
 def pack(values: np.ndarray, bits: int) -> np.ndarray:
@@ -15,13 +19,33 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if flat.size and (flat.min() < low or flat.max() > high):
         raise ValueError(f"values outside the {bits}-bit range [{low}, {high}]")
-    # In bytes throughout (the low bits of two's complement): a big weight's codes are packed
-    # without temporaries wider than the codes themselves.
-    codes = flat.astype(np.uint8) & np.uint8(2**bits - 1)
-    codes = np.pad(codes, (0, -flat.size % per_byte)).reshape(-1, per_byte)
-    packed = codes[:, 0].copy()
+    flat = np.ascontiguousarray(flat, dtype=np.int8)
+    # Little-endian words of per_byte codes: one shifted, masked OR per code position folds a
+    # word into its low byte, a cache-sized piece at a time (no temporaries wider than it).
+    codes = flat.view(np.uint8)
+    whole = flat.size - flat.size % per_byte
+    packed = np.empty(-(-flat.size // per_byte), dtype=np.uint8)
+    if whole and sys.byteorder == "little":
+        word = np.uint16 if bits == 4 else np.uint32
+        words = codes[:whole].view(word)
+        mask = word(2**bits - 1)
+        step = PIECE_WORDS
+        for start in range(0, words.size, step):
+            part = words[start : start + step]
+            folded = part & mask
+            for i in range(1, per_byte):
+                shifted = part >> word(8 * i - bits * i)
+                shifted &= word((2**bits - 1) << (bits * i))
+                folded |= shifted
+            packed[start : start + part.size] = folded  # the low byte
+    else:
+        whole = 0
+    rest = codes[whole:] & np.uint8(2**bits - 1)
+    rest = np.pad(rest, (0, -rest.size % per_byte)).reshape(-1, per_byte)
+    tail = rest[:, 0].copy()
     for i in range(1, per_byte):
-        packed |= codes[:, i] << np.uint8(i * bits)
+        tail |= rest[:, i] << np.uint8(i * bits)
+    packed[whole // per_byte :] = tail
     return packed
 
 

@@ -1,0 +1,226 @@
+"""The piecewise float32 codes are bit for bit those of the plain float64 formulation.
+
+The references below are the algorithms as first written (whole-array float64, NaN-padded
+groups, np.nanmean): clear, slow, and the definition of the expected codes and scales.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from onnxcomp import quant
+from onnxcomp.quant import linear
+
+RNG = np.random.default_rng(7)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
+# (shape, [(axis, block_size)]): per tensor, per channel on either side, whole and partial
+# blocks along the first, middle and last axis, lone channels
+LAYOUTS = [
+    ((24, 40), [(None, 0), (0, 0), (1, 0), (1, 16), (0, 16), (1, 7)]),
+    ((6, 40, 3, 1), [(0, 0), (1, 0), (1, 16), (2, 0)]),
+    ((300, 3), [(1, 0), (0, 32)]),
+    ((40, 1), [(1, 0), (0, 16)]),
+    ((37,), [(0, 16)]),
+]
+CASES = [(shape, axis, block) for shape, layouts in LAYOUTS for axis, block in layouts]
+
+
+def _groups(w: np.ndarray, axis: int | None, block: int) -> np.ndarray:
+    """Groups sharing a parameter along the last axis, a partial block padded with NaN."""
+    if axis is None:
+        return w.reshape(1, -1)
+    if block == 0:
+        return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    blocks = -(-w.shape[axis] // block)
+    padding = [(0, 0)] * w.ndim
+    padding[axis] = (0, blocks * block - w.shape[axis])
+    padded = np.pad(w, padding, constant_values=np.nan)
+    split = padded.reshape((*w.shape[:axis], blocks, block, *w.shape[axis + 1 :]))
+    return np.moveaxis(split, axis + 1, -1)
+
+
+def _reduce(w, axis, block, reducer, dtype=np.float64):
+    reduced = np.asarray(reducer(_groups(np.asarray(w, dtype), axis, block), axis=-1), np.float64)
+    return reduced.reshape(()) if axis is None else reduced
+
+
+def _linear_reference(w, bits, axis, block, symmetric):
+    qmin, qmax = quant.qrange(bits, symmetric)
+    dtype = w.dtype
+    if symmetric:
+        amax = _reduce(w, axis, block, lambda g, axis: np.nanmax(np.abs(g), axis=axis), dtype)
+        scale, zero = linear.store_scale(amax / qmax, dtype), None
+    else:
+        low = np.minimum(_reduce(w, axis, block, np.nanmin, dtype), 0.0)
+        high = np.maximum(_reduce(w, axis, block, np.nanmax, dtype), 0.0)
+        scale = linear.store_scale((high - low) / (qmax - qmin), dtype)
+        zero = np.clip(np.rint(qmin - low / scale.astype(np.float64)), qmin, qmax)
+        zero = zero.astype(np.int8)
+    return scale, zero, _codes_reference(w, scale, zero, bits, axis, block)
+
+
+def _codes_reference(w, scale, zero, bits, axis, block):
+    qmin, qmax = quant.qrange(bits, zero is None)
+    s = quant.expand(np.asarray(scale, np.float64), w.shape, axis, block)
+    q = np.rint(np.asarray(w, np.float64) / s)
+    if zero is not None:
+        q += quant.expand(zero.astype(np.float64), w.shape, axis, block)
+    return np.clip(q, qmin, qmax).astype(np.int8)
+
+
+def _binary_reference(w, axis, block):
+    alpha = _reduce(w, axis, block, lambda g, axis: np.nanmean(np.abs(g), axis))
+    return np.where(np.asarray(w) >= 0, 1, -1).astype(np.int8), alpha
+
+
+def _optimal(groups, axis=-1, largest=None):
+    magnitudes = np.nan_to_num(np.abs(groups), nan=0.0, posinf=largest)
+    magnitudes = np.sort(magnitudes, axis=-1)[..., ::-1]
+    magnitudes = magnitudes.astype(np.float64)
+    f = np.cumsum(magnitudes, axis=-1) ** 2 / np.arange(1, magnitudes.shape[-1] + 1)
+    best = np.argmax(f, axis=-1)[..., None]
+    padded = np.concatenate([magnitudes, np.zeros_like(magnitudes[..., :1])], axis=-1)
+    last = np.take_along_axis(magnitudes, best, -1)[..., 0]
+    return (last + np.take_along_axis(padded, best + 1, -1)[..., 0]) / 2
+
+
+def _ternary_reference(w, axis, block, rule):
+    w64 = np.asarray(w, np.float64)
+    if rule == "twn":
+        delta = 0.7 * _reduce(w, axis, block, lambda g, axis: np.nanmean(np.abs(g), axis))
+    else:
+        # bfloat16 in float32 (the same values; inf becomes bfloat16's largest, as float32's
+        # becomes float32's): np.nan_to_num leaves ml_dtypes' NaN and inf alone, so the
+        # first formulation sorted a partial block's NaN padding as NaN, which made that
+        # block's threshold NaN and all its codes 0
+        largest = float(ml_dtypes.finfo(w.dtype).max)
+        optimal = functools.partial(_optimal, largest=largest)
+        delta = _reduce(w, axis, block, optimal, np.float32 if w.dtype == BF16 else w.dtype)
+    keep = np.abs(w64) > quant.expand(delta, w.shape, axis, block)
+    kept = np.where(keep, np.abs(w64), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        alpha = _reduce(kept, axis, block, np.nanmean)
+    return (np.sign(w64) * keep).astype(np.int8), np.nan_to_num(alpha, nan=0.0)
+
+
+def _weights(kind: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Random weights, or adversarial ones: ties, signed zeros, denormals, NaN and inf, a
+    wide dynamic range, a constant group."""
+    w = RNG.standard_normal(shape).astype(np.float32)
+    if kind == "wide":
+        w *= np.exp(RNG.standard_normal(shape) * 6).astype(np.float32)
+    elif kind == "ties":
+        w = np.sign(w) * np.float32(2.0)
+    elif kind == "zeros":
+        w[...] = 0.0
+        w.reshape(-1)[::3] = -0.0
+    elif kind == "denormal":
+        w *= np.float32(1e-40)
+    elif kind == "nonfinite":
+        w.reshape(-1)[::7] = np.nan
+        w.reshape(-1)[::11] = np.inf
+        w.reshape(-1)[::13] = -np.inf
+    return w.astype(dtype)
+
+
+def _same(ours, reference):
+    for a, b in zip(ours, reference, strict=True):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["normal", "wide", "ties", "zeros", "denormal"])
+@pytest.mark.parametrize(("shape", "axis", "block"), CASES)
+def test_linear_codes_match_the_float64_formulation(dtype, kind, shape, axis, block):
+    w = _weights(kind, shape, dtype)
+    for bits, symmetric in ((8, True), (4, True), (4, False), (2, False)):
+        scale, zero = quant.linear_params(
+            w, bits, axis=axis, block_size=block, symmetric=symmetric, dtype=dtype
+        )
+        codes = quant.quantize(w, scale, zero, bits, axis=axis, block_size=block)
+        _same((scale, zero, codes), _linear_reference(w, bits, axis, block, symmetric))
+
+
+def test_float32_quotients_on_a_half_integer_are_redone_in_float64():
+    # w = (k + 1/2) s rounded to float32: w / s is within float32 rounding of k + 1/2 but
+    # mostly not on it, so rounding the float32 quotient alone gets ~40% of these wrong
+    scale = RNG.uniform(0.001, 1, (1, 512)).astype(np.float32)
+    k = RNG.integers(-127, 127, (64, 512))
+    w = ((k + 0.5) * scale.astype(np.float64)).astype(np.float32)
+    naive = np.rint(w / scale)
+    reference = _codes_reference(w, scale[0], None, 8, 1, 0)
+    assert (naive != reference).mean() > 0.2
+    np.testing.assert_array_equal(quant.quantize(w, scale[0], None, 8, axis=1), reference)
+    exact_halves = np.float32([0.5, 1.5, 2.5, -0.5, -2.5, 126.5, 300.0])  # ties to even
+    np.testing.assert_array_equal(
+        quant.quantize(exact_halves, np.float32(1), None, 8, axis=None), [0, 2, 2, 0, -2, 126, 127]
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["normal", "wide", "ties", "zeros", "denormal", "nonfinite"])
+@pytest.mark.parametrize(("shape", "axis", "block"), CASES)
+def test_binary_and_ternary_match_the_float64_formulation(dtype, kind, shape, axis, block):
+    w = _weights(kind, shape, dtype)
+    _same(quant.binarize(w, axis=axis, block_size=block), _binary_reference(w, axis, block))
+    for rule in ("optimal", "twn"):
+        ours = quant.ternarize(w, axis=axis, block_size=block, rule=rule)
+        _same(ours, _ternary_reference(w, axis, block, rule))
+
+
+@pytest.mark.parametrize("piece", [64, 1000])
+def test_results_do_not_depend_on_the_piece_size(monkeypatch, piece):
+    # several pieces per call, the last ones partial; float64 sums of wide-range magnitudes
+    # whose last bit changes with the order they are added in
+    monkeypatch.setattr(linear, "PIECE_ELEMENTS", piece)
+    for shape, layouts in [((300, 77), [(0, 0), (1, 0), (1, 32), (0, 32)]),
+                           ((33, 65, 3), [(1, 0), (1, 16)]), ((129, 2), [(1, 0)])]:  # fmt: skip
+        w = _weights("wide", shape, np.float32)
+        for axis, block in layouts:
+            _same(quant.binarize(w, axis=axis, block_size=block), _binary_reference(w, axis, block))
+            for rule in ("optimal", "twn"):
+                ours = quant.ternarize(w, axis=axis, block_size=block, rule=rule)
+                _same(ours, _ternary_reference(w, axis, block, rule))
+            ours = quant.linear_params(w, 4, axis=axis, block_size=block, symmetric=False)
+            codes = quant.quantize(w, *ours, 4, axis=axis, block_size=block)
+            _same((*ours, codes), _linear_reference(w, 4, axis, block, False))
+
+
+def test_by_groups_slices_match_the_reference_on_the_same_slices(monkeypatch):
+    # numpy sums one channel strided across rows pairwise, several one row after another: a
+    # last slice of one channel (33 = 4 x 8 + 1) is summed as the reference sums it there
+    monkeypatch.setattr(linear, "CHUNK_ELEMENTS", 1 << 12)
+    w = _weights("wide", (512, 33), np.float32)
+    for rule in ("optimal", "twn"):
+        ours = quant.by_groups(
+            lambda part, rule=rule: (*quant.ternarize(part, axis=1, rule=rule), None), w, axis=1
+        )
+        reference = quant.by_groups(
+            lambda part, rule=rule: (*_ternary_reference(part, 1, 0, rule), None), w, axis=1
+        )
+        _same(ours[:2], reference[:2])
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("count", [0, 1, 5, 8, 1 << 17, (1 << 17) + 3])
+def test_packing_matches_the_byte_by_byte_formulation(bits, count):
+    high = 2 ** (bits - 1)
+    values = RNG.integers(-high, high, count).astype(np.int8)
+    per_byte = 8 // bits
+    codes = np.pad(values.astype(np.uint8) & (2**bits - 1), (0, -count % per_byte))
+    codes = codes.reshape(-1, per_byte).astype(np.uint16)
+    reference = sum(codes[:, i] << (i * bits) for i in range(per_byte))
+    np.testing.assert_array_equal(quant.pack(values, bits), np.asarray(reference, np.uint8))
+    strided = np.repeat(values, 2)[::2]  # not contiguous
+    np.testing.assert_array_equal(quant.pack(strided, bits), quant.pack(values, bits))
