@@ -632,9 +632,14 @@ class WeightQuantizePass(CompressionPass):
                 )
                 return codes, scale, zero_point
 
-            # A slice of channels or blocks at a time: a big weight's float64 temporaries
-            # would otherwise be several times its size.
-            codes, scale, zero_point = quant.by_groups(rtn, array, axis=axis, block_size=block)
+            if array.dtype in quant.FLOAT32_EXACT:
+                # Coded in float32 a cache-sized piece at a time on a thread per core: whole,
+                # which is faster than column slices of a row-major weight.
+                codes, scale, zero_point = rtn(array)
+            else:
+                # A slice of channels or blocks at a time: a big weight's float64 temporaries
+                # would otherwise be several times its size.
+                codes, scale, zero_point = quant.by_groups(rtn, array, axis=axis, block_size=block)
             if stats is not None:
                 hessian = stats.hessian.matrix
                 if options.method == "gptq":

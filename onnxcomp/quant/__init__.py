@@ -24,6 +24,7 @@ from onnxcomp.quant.gptq import (
     output_error,
 )
 from onnxcomp.quant.linear import (
+    FLOAT32_EXACT,
     by_groups,
     dequantize,
     expand,
@@ -40,6 +41,7 @@ from onnxcomp.quant.ternary import binarize, ternarize
 
 __all__ = [
     "CLIP_RATIOS",
+    "FLOAT32_EXACT",
     "Hessian",
     "act_order_permutation",
     "activation_scale",
