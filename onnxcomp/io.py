@@ -19,9 +19,11 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from glob import escape as glob_escape
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -260,6 +262,45 @@ def _append(f, tensor: ir.TensorProtocol) -> tuple[int, int]:
     f.seek(offset)
     tensor.tofile(f)
     return offset, f.tell() - offset
+
+
+# Bytes between the pages a prefetch touches: one per page brings the page in, and the kernel
+# reads ahead of those faults in large requests (a cold weight comes in at the disk's speed).
+_PAGE = 4096
+
+
+class Prefetcher:
+    """Reads weights held in external data into the page cache on a background thread, so a
+    pass going through a model weight by weight works on one while the disk delivers the next
+    (``prefetch(next_weight)`` before working on this one). It touches a byte per page of a
+    mapping of its own: no copy, no memory held but the page cache, and next to nothing when
+    the pages are there already. Tensors in memory are ignored. Use as a context manager: on
+    exit, reads not started are dropped."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __call__(self, *tensors: ir.TensorProtocol | None) -> None:
+        for tensor in tensors:
+            if isinstance(tensor, ir.ExternalTensor) and tensor.length >= _PAGE:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="onnxcomp-prefetch")
+                self._pool.submit(_touch_pages, tensor.path, tensor.offset, tensor.length)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _touch_pages(path: str | os.PathLike, offset: int, length: int) -> None:
+    with contextlib.suppress(OSError, ValueError):  # gone or shorter: the reader will say so
+        pages = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(length,))
+        pages[::_PAGE].max()  # numpy releases the GIL while it faults the pages in
+        del pages
 
 
 def release(tensor: ir.TensorProtocol | None) -> None:

@@ -56,6 +56,7 @@ from onnx_ir.passes import common as common_passes
 from onnxcomp import decoder, quant, runtime
 from onnxcomp.data import run_batch_size
 from onnxcomp.errors import UnsupportedModelError, UsageError
+from onnxcomp.io import Prefetcher
 from onnxcomp.passes._base import (
     CompressionPass,
     CompressionResult,
@@ -238,6 +239,10 @@ class WeightQuantizePass(CompressionPass):
         if already:
             notes.append(f"the model already has {already} quantised weights; left them alone")
         weights, skipped = self._find(model)
+        if options.method != "rtn":
+            # gptq/awq calibrate and scale the weights they quantise: leave out first those
+            # that will not be (rtn checks each as it comes, reading it once).
+            weights = _drop_nonfinite(weights, skipped)
         # Weights going to ONNX Runtime's kernels need no newer opset (and a 1 B model should
         # not go through the version converter, which serialises it whole).
         qdq = [w for w in weights if self._format(w, self._layout(w))[0] == "qdq"]
@@ -246,6 +251,8 @@ class WeightQuantizePass(CompressionPass):
             if upgraded:
                 notes.extend(upgraded)
                 weights, skipped = self._find(model)  # the converter rebuilt the graph
+                if options.method != "rtn":
+                    weights = _drop_nonfinite(weights, skipped)
         if not weights and not already:
             notes.append("no float weights to quantise")
 
@@ -255,9 +262,14 @@ class WeightQuantizePass(CompressionPass):
         gains: list[float] = []
         awq: Counter = Counter()
         before = after = 0
+        quantized: list[str] = []
 
         def quantize_one(weight: Weight, stats: _InputStats | None) -> None:
             nonlocal before, after
+            if not _finite(weight):  # masks: -inf has no linear code
+                skipped.append(Skipped(weight.name, NONFINITE))
+                return
+            quantized.append(weight.name)
             layout = self._layout(weight)
             fmt, why = self._format(weight, layout)
             if why:
@@ -299,8 +311,12 @@ class WeightQuantizePass(CompressionPass):
                 + (", each from the model quantised up to it" if options.sequential else "")
             )
         done = {w.name for stage in stages for w in stage}
-        for weight in weights:
-            if weight.name not in done:
+        pending = [w for w in weights if w.name not in done]
+        with Prefetcher() as prefetch:
+            # The next weight is read from disk while this one is coded (a model in external
+            # data that is not in the page cache yet).
+            for index, weight in enumerate(pending):
+                prefetch(*[w.value.const_value for w in pending[index + (index > 0) : index + 2]])
                 quantize_one(weight, None)
         if weights:
             common_passes.TopologicalSortPass()(model)
@@ -321,7 +337,7 @@ class WeightQuantizePass(CompressionPass):
                     "weights read by one node; embedding tables and shared weights are not)"
                 )
         stats = {
-            "weights_quantized": len(weights),
+            "weights_quantized": len(quantized),
             "weights_skipped": len(skipped),
             "weight_bytes_before": before,
             "weight_bytes_after": after,
@@ -337,7 +353,7 @@ class WeightQuantizePass(CompressionPass):
         if awq:
             stats["awq_scales"] = dict(awq)
         stats.update(bn_stats)
-        changed = bool(weights) or lifted > 0 or any(bn_stats.values())
+        changed = bool(quantized) or lifted > 0 or any(bn_stats.values())
         return CompressionResult(model, changed, stats=stats, notes=notes)
 
     def _batchnorms(self, model: ir.Model) -> tuple[dict[str, int], list[str]]:
@@ -572,8 +588,6 @@ class WeightQuantizePass(CompressionPass):
                 for u in weight.uses
             ):
                 skipped.append(Skipped(weight.name, "output projection (include_head=false)"))
-            elif not _finite(weight):  # masks: -inf has no linear code
-                skipped.append(Skipped(weight.name, "holds inf or NaN"))
             else:
                 weights.append(weight)
         return weights, skipped
@@ -744,6 +758,16 @@ class _InputStats:
                 h = h[np.ix_(order, order)]
             self._factors[act_order] = quant.inverse_hessian_factor(h, damp)
         return self._factors[act_order]
+
+
+NONFINITE = "holds inf or NaN"
+
+
+def _drop_nonfinite(weights: list[Weight], skipped: list[Skipped]) -> list[Weight]:
+    """``weights`` without those holding inf or NaN, which go to ``skipped``."""
+    finite = [w for w in weights if _finite(w)]
+    skipped.extend(Skipped(w.name, NONFINITE) for w in weights if w not in finite)
+    return finite
 
 
 def _finite(weight: Weight) -> bool:

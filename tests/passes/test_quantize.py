@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcomp
-from onnxcomp import quant, registry
+from onnxcomp import io, quant, registry
 from onnxcomp.errors import UnsupportedModelError, UsageError
 from onnxcomp.instrument import min_cosine
 from onnxcomp.passes import WeightQuantizeOptions, WeightQuantizePass
@@ -601,3 +601,39 @@ def test_ternary_keeps_batchnorms_for_distillation_to_fine_tune():
     assert "batchnorms_folded" not in result.stats
     quantized, _ = _quantize(_densenet_like_model(), bits=2, scheme="ternary", batchnorm="compact")
     assert "BatchNormalization" not in _ops(quantized)
+
+
+def test_a_weight_holding_inf_stays_float_and_is_said_so() -> None:
+    model = _linear_model()
+    w1 = numpy_helper.to_array(_initializers(model)["w1"]).copy()
+    w1[3, 5] = -np.inf  # a mask value: no linear code for it
+    model.graph.initializer.remove(_initializers(model)["w1"])
+    model.graph.initializer.append(numpy_helper.from_array(w1, "w1"))
+    proto, result = _quantize(model)
+    assert result.stats["weights_quantized"] == 1 and result.stats["weights_skipped"] == 1
+    assert any("holds inf or NaN" in note and "w1" in note for note in result.notes)
+    assert _initializers(proto)["w1"].data_type == TensorProto.FLOAT
+    assert _weight_dq(proto, "fc").op_type == "DequantizeLinear"
+
+
+def test_weights_in_external_data_are_read_ahead_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save_model(_linear_model(), path, save_as_external_data=True, location="m.data",
+                    size_threshold=1024)  # fmt: skip
+    touched: list[tuple[int, int]] = []
+    real_touch = io._touch_pages
+
+    def touch(file: str, offset: int, length: int) -> None:
+        touched.append((offset, length))
+        real_touch(file, offset, length)
+
+    monkeypatch.setattr(io, "_touch_pages", touch)
+    model = onnxcomp.load(path)
+    external = {v.name: v.const_value for v in model.graph.initializers.values()
+                if isinstance(v.const_value, ir.ExternalTensor)}  # fmt: skip
+    assert sorted(external) == ["w1", "w2"]
+    WeightQuantizePass(WeightQuantizeOptions())(model)
+    # Each weight once, in the order they are coded (w1 and w2 ahead at the start).
+    assert touched == [(t.offset, t.length) for t in (external["w1"], external["w2"])]
