@@ -30,7 +30,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -61,6 +62,7 @@ ZIP_LEVEL = 6  # zip's and gzip's default deflate level
 # summing to this (deflate looks back 32 KB, so 64 KB chunks compress as in the whole).
 ZIP_SAMPLE_BYTES = 1 << 19
 _ZIP_CHUNKS = 8
+_ZIP_THREADS = 2  # deflating beside the pruning (zlib runs at ~30 MB/s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,15 +144,18 @@ class MagnitudePrunePass(CompressionPass):
                 model, weights, self.data, bins=o.bins, samples=o.samples
             )
             factors, notes = list(found), notes + entropy_notes
+        stats = {"target_sparsity": o.sparsity, "scope": o.scope}
+        if o.importance != "magnitude":
+            stats["importance"] = o.importance
+        if o.scope == "layer" and o.importance == "magnitude":
+            prune = functools.partial(_magnitude_pruned, sparsity=o.sparsity)
+            return _write_pruned(model, weights, prune, notes, stats)
         scores = (_score(w, f) for w, f in zip(weights, factors, strict=True))
         keep: Iterable[np.ndarray]
         if o.scope == "global":
             keep = masks.global_magnitude_masks(list(scores), o.sparsity)
         else:  # one tensor at a time: write_masks draws each mask as it gets to its tensor
             keep = map(functools.partial(masks.magnitude_mask, sparsity=o.sparsity), scores)
-        stats = {"target_sparsity": o.sparsity, "scope": o.scope}
-        if o.importance != "magnitude":
-            stats["importance"] = o.importance
         return write_masks(model, weights, keep, notes, stats)
 
 
@@ -273,28 +278,48 @@ def write_masks(
 
     ``keep`` may be a generator: each mask is drawn when its tensor's turn comes, so only one
     tensor's score, mask and pruned copy exist at a time."""
-    per_tensor: dict[str, float] = {}
-    zeros = total = rewritten = dense_bytes = zip_before = zip_after = 0
     drawn = iter(keep)
-    for weight in weights:  # not zip(): it would keep the last mask alive while drawing one
-        mask = next(drawn)
-        pruned, new_zeros, old_zeros, old_zip = _pruned(weight, mask)
-        del mask
-        per_tensor[weight.name] = round(new_zeros / max(pruned.size, 1), 4)
-        zeros += new_zeros
-        total += pruned.size
-        if new_zeros == pruned.size:
-            notes.append(f"{weight.name}: every weight is zero; its layer now outputs its bias")
-        if new_zeros == old_zeros:
-            release(weight.value.const_value)
-            continue  # nothing new to zero
-        zip_before += old_zip
-        zip_after += _deflated(pruned)
-        dense_bytes += pruned.nbytes
-        # A new tensor, never a write into the old one: loaded tensors are read-only file views.
-        set_weight(weight.value, ir.tensor(pruned))
-        rewritten += 1
-        del pruned  # before the next mask is drawn
+    # not zip(): it would keep the last mask alive while drawing one
+    return _write_pruned(model, weights, lambda weight: _pruned(weight, next(drawn)), notes, stats)
+
+
+def _write_pruned(
+    model: ir.Model,
+    weights: Sequence[Weight],
+    prune: Callable[[Weight], tuple[np.ndarray | None, int, _ZipSample | None]],
+    notes: list[str],
+    stats: dict,
+) -> CompressionResult:
+    """Give each weight the new tensor ``prune(weight)`` makes (see :func:`_pruned`), one
+    weight at a time, and report what changed.
+
+    The deflate sizes are measured on background threads (zlib frees the GIL) from copies of
+    the sampled bytes, while the next tensors are pruned and written."""
+    per_tensor: dict[str, float] = {}
+    zeros = total = rewritten = dense_bytes = 0
+    sizes: list[Future[int]] = []
+    with ThreadPoolExecutor(_ZIP_THREADS) as deflating:
+        for weight in weights:
+            pruned, new_zeros, before = prune(weight)
+            size = weight.size
+            per_tensor[weight.name] = round(new_zeros / max(size, 1), 4)
+            zeros += new_zeros
+            total += size
+            if new_zeros == size:
+                notes.append(f"{weight.name}: every weight is zero; its layer now outputs its bias")
+            if pruned is None:
+                release(weight.value.const_value)
+                continue  # nothing new to zero
+            assert before is not None
+            sizes += [deflating.submit(before.deflated),
+                      deflating.submit(_ZipSample.of(pruned).deflated)]  # fmt: skip
+            dense_bytes += pruned.nbytes
+            # A new tensor, never a write into the old one: loaded tensors are read-only views.
+            set_weight(weight.value, ir.tensor(pruned))
+            rewritten += 1
+            del pruned  # before the next weight is pruned
+        zip_before = sum(future.result() for future in sizes[0::2])
+        zip_after = sum(future.result() for future in sizes[1::2])
     stats = {
         **stats,
         "tensors": rewritten,
@@ -355,27 +380,55 @@ def _score(weight: Weight, factor: np.ndarray | None) -> np.ndarray:
     return score if factor is None else score * factor
 
 
-def _pruned(weight: Weight, mask: np.ndarray) -> tuple[np.ndarray, int, int, int]:
-    """The weight with zeros where ``mask`` is False, its zero count, the original's zero
-    count and deflate size (the original is read here, and only here, before it is released)."""
+def _pruned(weight: Weight, mask: np.ndarray) -> tuple[np.ndarray | None, int, _ZipSample | None]:
+    """The weight with zeros where ``mask`` is False (None when that adds no zero), its zero
+    count and the bytes of the original that its deflate size is measured on (the original is
+    read here, and only here, before it is released)."""
     array = weight.array
     pruned = np.where(mask, array, np.zeros((), array.dtype))
     new_zeros = int(pruned.size - np.count_nonzero(pruned))
-    old_zeros = int(array.size - np.count_nonzero(array))
-    old_zip = _deflated(array) if new_zeros != old_zeros else 0
-    return pruned, new_zeros, old_zeros, old_zip
+    if new_zeros == int(array.size - np.count_nonzero(array)):
+        return None, new_zeros, None
+    return pruned, new_zeros, _ZipSample.of(array)
 
 
-def _deflated(array: np.ndarray) -> int:
-    """Deflate size of ``array``'s bytes; estimated from evenly spaced chunks (summing to
-    :data:`ZIP_SAMPLE_BYTES`) for a bigger array."""
-    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    if flat.size <= ZIP_SAMPLE_BYTES:
-        return len(zlib.compress(flat.tobytes(), ZIP_LEVEL))
-    chunk = ZIP_SAMPLE_BYTES // _ZIP_CHUNKS
-    starts = np.linspace(0, flat.size - chunk, _ZIP_CHUNKS).astype(np.int64)
-    sampled = sum(len(zlib.compress(flat[s : s + chunk].tobytes(), ZIP_LEVEL)) for s in starts)
-    return int(sampled * flat.size / (chunk * _ZIP_CHUNKS))
+def _magnitude_pruned(
+    weight: Weight, sparsity: float
+) -> tuple[np.ndarray | None, int, _ZipSample | None]:
+    """:func:`_pruned` with the weight's :func:`~onnxcomp.masks.magnitude_mask` of ``|w|``,
+    made without the mask for float32 (:func:`~onnxcomp.masks.prune_smallest`, same result)."""
+    array = weight.array
+    if array.dtype != np.float32:
+        return _pruned(weight, masks.magnitude_mask(_score(weight, None), sparsity))
+    pruned, new_zeros = masks.prune_smallest(array, masks.prune_count(array.size, sparsity))
+    return pruned, new_zeros, (_ZipSample.of(array) if pruned is not None else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ZipSample:
+    """The bytes of an array its deflate size is measured on: all of them, or for an array
+    past :data:`ZIP_SAMPLE_BYTES` evenly spaced chunks summing to that (copied: the array
+    may be released before they are deflated)."""
+
+    chunks: list[bytes]
+    nbytes: int
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> _ZipSample:
+        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        if flat.size <= ZIP_SAMPLE_BYTES:
+            return cls([flat.tobytes()], flat.size)
+        chunk = ZIP_SAMPLE_BYTES // _ZIP_CHUNKS
+        starts = np.linspace(0, flat.size - chunk, _ZIP_CHUNKS).astype(np.int64)
+        return cls([flat[s : s + chunk].tobytes() for s in starts], flat.size)
+
+    def deflated(self) -> int:
+        """Deflate size of the array (zlib level :data:`ZIP_LEVEL`), estimated from the
+        chunks when it was sampled."""
+        sampled = sum(len(zlib.compress(chunk, ZIP_LEVEL)) for chunk in self.chunks)
+        if self.nbytes <= ZIP_SAMPLE_BYTES:
+            return sampled
+        return int(sampled * self.nbytes / (ZIP_SAMPLE_BYTES // _ZIP_CHUNKS * _ZIP_CHUNKS))
 
 
 def _has_constant_weight(node: ir.Node, op_types: Collection[str]) -> bool:
