@@ -20,9 +20,10 @@ PIECE = 1 << 16  # elements per numpy call: 256 KB of float32, L2-sized
 MAX_THREADS = 8
 
 
-def map_slices(work: Callable[[int, int], T], size: int, step: int = SLICE) -> list[T]:
-    """``[work(start, stop) for each slice of range(size)]``, slices of ``step`` elements run
-    on threads; results in slice order."""
+def map_slices(work: Callable[[int, int], T], size: int, step: int | None = None) -> list[T]:
+    """``[work(start, stop) for each slice of range(size)]``, slices of ``step`` (default
+    :data:`SLICE`) elements run on threads; results in slice order."""
+    step = step or SLICE
     return parallel_map(lambda start: work(start, min(start + step, size)), range(0, size, step))
 
 
@@ -36,8 +37,9 @@ def parallel_map(work: Callable[[int], T], items: Sequence[int]) -> list[T]:
         return list(pool.map(work, items))
 
 
-def pieces(start: int, stop: int, step: int = PIECE) -> Iterator[tuple[int, int]]:
-    """``(begin, end)`` of consecutive pieces of at most ``step`` elements covering
-    ``range(start, stop)``."""
+def pieces(start: int, stop: int, step: int | None = None) -> Iterator[tuple[int, int]]:
+    """``(begin, end)`` of consecutive pieces of at most ``step`` (default :data:`PIECE`)
+    elements covering ``range(start, stop)``."""
+    step = step or PIECE
     for begin in range(start, stop, step):
         yield begin, min(begin + step, stop)

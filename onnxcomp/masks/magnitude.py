@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from onnxcomp.chunks import PIECE, SLICE, map_slices, pieces
+from onnxcomp import chunks
 
 # Bits of a float32 |w| (sign cleared), read as an integer: for non-negative floats their
 # order is the order of the numbers, +inf above every finite value, NaNs above +inf.
@@ -105,7 +105,7 @@ def prune_smallest(array: np.ndarray, count: int) -> tuple[np.ndarray | None, in
         keep_above, is_tie = threshold, functools.partial(_equal, value=threshold)
     result = np.empty(array.shape, np.float32)
     out = result.reshape(-1).view(np.uint32)
-    map_slices(functools.partial(_keep_above, bits, out, keep_above), size)
+    chunks.map_slices(functools.partial(_keep_above, bits, out, keep_above), size)
     pruned_ties = count - below
     if ties > pruned_ties:  # the later ties stay: copy them back
         _restore_ties(bits, out, is_tie, pruned_ties)
@@ -125,13 +125,13 @@ def counted_threshold(bits: np.ndarray, count: int) -> tuple[int, int, int]:
     A radix select: a histogram of the high 16 bits of ``|w|`` finds the bucket holding it, a
     histogram of the low 16 bits inside that bucket the value; two reads, any data."""
     size = bits.size
-    coarse = np.sum(map_slices(functools.partial(_coarse_histogram, bits), size), axis=0)
+    coarse = np.sum(chunks.map_slices(functools.partial(_coarse_histogram, bits), size), axis=0)
     cumulative = np.cumsum(coarse)
     # Buckets above +inf's hold NaNs only: a threshold there is settled in +inf's bucket.
     bucket = min(int(np.searchsorted(cumulative, count)), _INF >> _BUCKET_BITS)
     before = int(cumulative[bucket - 1]) if bucket else 0
     low = bucket << _BUCKET_BITS
-    fine = np.sum(map_slices(functools.partial(_fine_histogram, bits, low), size), axis=0)
+    fine = np.sum(chunks.map_slices(functools.partial(_fine_histogram, bits, low), size), axis=0)
     if low == _INF and count > before + int(fine[0]):
         numbers = before + int(fine[0])
         return NAN_KEY, numbers, size - numbers
@@ -164,7 +164,7 @@ def sampled_threshold(bits: np.ndarray, count: int) -> tuple[int, int, int] | No
         return None
     # Expected in the window: (last - first) / sample.size of the elements; allow 4x.
     limit = 4.0 * (min(last, sample.size) - max(first, 0) + 1) / sample.size
-    gathered = map_slices(functools.partial(_window, bits, low, high - low, limit), size)
+    gathered = chunks.map_slices(functools.partial(_window, bits, low, high - low, limit), size)
     if any(part is None for part in gathered):
         return None
     below = sum(part[0] for part in gathered)  # type: ignore[index]
@@ -185,10 +185,10 @@ def _window(
     """How many ``|w|`` of ``bits[start:stop]`` are below ``low``, and ``|w| - low`` of those
     in ``[low, low + width)``; None past ``limit`` times the slice's size of those."""
     below, inside, gathered = 0, [], 0
-    most = limit * (stop - start) + PIECE
+    most = limit * (stop - start) + chunks.PIECE
     wrapped = np.uint32((1 << 32) - low) if low else None  # |w| - low of |w| < low wraps
-    buffer = np.empty(PIECE, np.uint32)
-    for begin, end in pieces(start, stop):
+    buffer = np.empty(chunks.PIECE, np.uint32)
+    for begin, end in chunks.pieces(start, stop):
         offset = buffer[: end - begin]
         np.bitwise_and(bits[begin:end], _MAGNITUDE, out=offset)
         if wrapped is not None:
@@ -207,8 +207,8 @@ def _coarse_histogram(bits: np.ndarray, start: int, stop: int) -> np.ndarray:
     ``bits[start:stop]``."""
     size = 1 << (_BUCKET_BITS - 1)
     counts = np.zeros(size, np.int64)
-    buffer = np.empty(PIECE, np.uint32)
-    for begin, end in pieces(start, stop):
+    buffer = np.empty(chunks.PIECE, np.uint32)
+    for begin, end in chunks.pieces(start, stop):
         high = buffer[: end - begin]
         np.right_shift(bits[begin:end], _BUCKET_BITS, out=high)
         high &= size - 1  # (folding the sign's half after a 65536-bin count is ~5x slower)
@@ -219,8 +219,8 @@ def _coarse_histogram(bits: np.ndarray, start: int, stop: int) -> np.ndarray:
 def _fine_histogram(bits: np.ndarray, low: int, start: int, stop: int) -> np.ndarray:
     """Counts of ``|w| - low`` over ``bits[start:stop]``, for ``|w|`` in one high bucket."""
     counts = np.zeros(1 << _BUCKET_BITS, np.int64)
-    buffer = np.empty(PIECE, np.uint32)
-    for begin, end in pieces(start, stop):
+    buffer = np.empty(chunks.PIECE, np.uint32)
+    for begin, end in chunks.pieces(start, stop):
         offset = buffer[: end - begin]
         np.bitwise_and(bits[begin:end], _MAGNITUDE, out=offset)
         offset -= np.uint32(low)  # below the bucket wraps round to large values
@@ -232,8 +232,8 @@ def _keep_above(bits: np.ndarray, out: np.ndarray, limit: int, start: int, stop:
     """``out = bits where |w| > limit, else 0`` over ``[start, stop)``, in integer arithmetic:
     ``(limit - |w|) >> 31`` is all ones exactly where ``|w| > limit``."""
     source, target = bits.view(np.int32), out.view(np.int32)
-    buffer = np.empty(PIECE, np.int32)
-    for begin, end in pieces(start, stop):
+    buffer = np.empty(chunks.PIECE, np.int32)
+    for begin, end in chunks.pieces(start, stop):
         mask = buffer[: end - begin]
         np.bitwise_and(source[begin:end], _MAGNITUDE, out=mask)
         np.subtract(np.int32(limit), mask, out=mask)
@@ -253,22 +253,22 @@ def _restore_ties(
     bits: np.ndarray, out: np.ndarray, is_tie: Callable[[np.ndarray], np.ndarray], skip: int
 ) -> None:
     """Copy into ``out`` every tie of ``bits`` but the first ``skip`` in flat order."""
-    size = bits.size
+    size, step = bits.size, chunks.SLICE
 
     def count(start: int, stop: int) -> int:
-        return sum(int(np.count_nonzero(is_tie(bits[b:e]))) for b, e in pieces(start, stop))
+        return sum(int(np.count_nonzero(is_tie(bits[b:e]))) for b, e in chunks.pieces(start, stop))
 
-    counts = map_slices(count, size, SLICE)
+    counts = chunks.map_slices(count, size, step)
     firsts = np.cumsum([0, *counts]).tolist()  # ties before each slice
 
     def restore(start: int, stop: int) -> None:
-        seen = firsts[start // SLICE]
-        if firsts[start // SLICE + 1] <= skip:
+        seen = firsts[start // step]
+        if firsts[start // step + 1] <= skip:
             return  # every tie in this slice is among the first ``skip``
-        for begin, end in pieces(start, stop):
+        for begin, end in chunks.pieces(start, stop):
             found = np.flatnonzero(is_tie(bits[begin:end]))
             kept = found[max(skip - seen, 0) :] + begin
             seen += found.size
             out[kept] = bits[kept]
 
-    map_slices(restore, size, SLICE)
+    chunks.map_slices(restore, size, step)

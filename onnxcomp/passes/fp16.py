@@ -64,8 +64,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx_ir.passes import common as common_passes
 
-from onnxcomp import runtime
-from onnxcomp.chunks import PIECE, map_slices, pieces
+from onnxcomp import chunks, runtime
 from onnxcomp.data import Dataset, static_batch
 from onnxcomp.errors import OnnxcompError, UsageError
 from onnxcomp.passes._base import (
@@ -85,7 +84,7 @@ PROBE_ROUNDS = 4
 _INF_BITS = 0x7F800000  # |x| bits of +inf; above: NaN
 # |x| bits of 2**-25: float16 rounds 0 < |x| <= 2**-25 to zero (2**-25 is half of its
 # smallest subnormal, 2**-24, and ties go to the even 0), anything larger to nonzero.
-_HALF_ZERO_BITS = 0x33000001
+_HALF_ZERO_BITS = 0x33000000
 REMAINING_NONFINITE = "new NaN/Inf may remain on the probe data; see the numeric check"
 # Ops whose output type comes from an attribute, which the rewrite points at float16.
 _DTYPE_DEFAULT_FLOAT = {"RandomNormal", "RandomUniform"}
@@ -370,12 +369,12 @@ def _out_of_range_constants(graph: ir.Graph) -> dict[ir.Node, str]:
 def _max_abs(array: np.ndarray) -> float:
     """Largest finite |value|, over pieces on threads: no copy of a big tensor."""
     flat = array.reshape(-1)
-    return max(map_slices(functools.partial(_slice_max_abs, flat), flat.size), default=0.0)
+    return max(chunks.map_slices(functools.partial(_slice_max_abs, flat), flat.size), default=0.0)
 
 
 def _slice_max_abs(flat: np.ndarray, start: int, stop: int) -> float:
     peak = 0.0
-    for begin, end in pieces(start, stop):
+    for begin, end in chunks.pieces(start, stop):
         part = flat[begin:end]
         high, low = float(part.max()), float(part.min())  # NaN and +-inf show here
         if math.isfinite(high) and math.isfinite(low):
@@ -401,7 +400,7 @@ def _to_half(tensor: ir.TensorProtocol) -> tuple[np.ndarray, int]:
         return new, int(np.count_nonzero((new == 0) & (array != 0)))
     flat = np.ascontiguousarray(array).reshape(-1)
     new = np.empty(array.shape, np.float16)
-    flushed = map_slices(functools.partial(_slice_to_half, flat, new.reshape(-1)), flat.size)
+    flushed = chunks.map_slices(functools.partial(_slice_to_half, flat, new.reshape(-1)), flat.size)
     return new, sum(flushed)
 
 
@@ -412,14 +411,15 @@ def _slice_to_half(source: np.ndarray, target: np.ndarray, start: int, stop: int
     binding.bind_output("y", "cpu", 0, np.float16, [stop - start], target[start:].ctypes.data)
     _cast_session().run_with_iobinding(binding)
     bits = source.view(np.uint32)
-    buffer = np.empty(PIECE, np.uint32)
+    buffer = np.empty(chunks.PIECE, np.uint32)
     flushed = 0
-    for begin, end in pieces(start, stop):
+    for begin, end in chunks.pieces(start, stop):
         magnitude = buffer[: end - begin]
         np.bitwise_and(bits[begin:end], 0x7FFFFFFF, out=magnitude)
         if magnitude.max() > _INF_BITS:  # a NaN
-            target[begin:end] = source[begin:end]
-        magnitude -= np.uint32(1)  # zero wraps round to the top
+            with np.errstate(over="ignore"):  # as astype: beyond 65504 -> inf
+                target[begin:end] = source[begin:end]
+        magnitude -= np.uint32(1)  # 0 < |x| <= 2**-25 is now < 2**-25; zero wraps to the top
         if magnitude.min() < _HALF_ZERO_BITS:
             flushed += int(np.count_nonzero(magnitude < _HALF_ZERO_BITS))
     return flushed
