@@ -148,22 +148,25 @@ def sampled_threshold(bits: np.ndarray, count: int) -> tuple[int, int, int] | No
     with the stride) give a window of ``|w|`` that holds the count-th smallest with a margin
     of 4 standard deviations of the sample quantile; one read counts the ``|w|`` below the
     window and gathers those in it (about 1.6% of them), where a partition finds the value.
-    None when the window missed it, gathered too much (many ties) or reaches the NaNs."""
+    None when the window missed it, gathered too much (many ties) or reaches the NaNs. A
+    tensor no bigger than the sample is its own: the value is selected from all of it."""
     size = bits.size
-    step = max(size // SAMPLE, 1)
-    jitter = np.random.default_rng(0).integers(0, step, size=min(SAMPLE, size))
-    picks = np.arange(jitter.size, dtype=np.int64) * step + jitter
-    sample = np.sort(bits[picks] & np.uint32(_MAGNITUDE))
+    if size <= SAMPLE:
+        return _selected(np.minimum(bits & np.uint32(_MAGNITUDE), np.uint32(NAN_KEY)), count)
+    step = size // SAMPLE
+    jitter = np.random.default_rng(0).integers(0, step, size=SAMPLE)
+    picks = np.arange(SAMPLE, dtype=np.int64) * step + jitter
     share = count / size
-    margin = 4.0 * math.sqrt(sample.size * share * (1.0 - share)) + 16.0
-    first = math.floor(share * sample.size - margin)
-    last = math.ceil(share * sample.size + margin)
-    low = int(sample[first]) if first >= 0 else 0
-    high = int(sample[last]) + 1 if last < sample.size else _MAGNITUDE + 1
+    margin = 4.0 * math.sqrt(SAMPLE * share * (1.0 - share)) + 16.0
+    first, last = math.floor(share * SAMPLE - margin), math.ceil(share * SAMPLE + margin)
+    ends = [end for end in (first, last) if 0 <= end < SAMPLE]
+    sample = np.partition(bits[picks] & np.uint32(_MAGNITUDE), ends) if ends else None
+    low = int(sample[first]) if sample is not None and first >= 0 else 0
+    high = int(sample[last]) + 1 if sample is not None and last < SAMPLE else _MAGNITUDE + 1
     if high > NAN_KEY:
         return None
-    # Expected in the window: (last - first) / sample.size of the elements; allow 4x.
-    limit = 4.0 * (min(last, sample.size) - max(first, 0) + 1) / sample.size
+    # Expected in the window: (last - first) / SAMPLE of the elements; allow 4x.
+    limit = 4.0 * (min(last, SAMPLE) - max(first, 0) + 1) / SAMPLE
     gathered = chunks.map_slices(functools.partial(_window, bits, low, high - low, limit), size)
     if any(part is None for part in gathered):
         return None
@@ -171,12 +174,14 @@ def sampled_threshold(bits: np.ndarray, count: int) -> tuple[int, int, int] | No
     inside = np.concatenate([part[1] for part in gathered])  # type: ignore[index]
     if not below < count <= below + inside.size:
         return None
-    offset = int(np.partition(inside, count - below - 1)[count - below - 1])
-    return (
-        low + offset,
-        below + int(np.count_nonzero(inside < offset)),
-        int(np.count_nonzero(inside == offset)),
-    )
+    offset, below_inside, ties = _selected(inside, count - below)
+    return low + offset, below + below_inside, ties
+
+
+def _selected(keys: np.ndarray, count: int) -> tuple[int, int, int]:
+    """The ``count``-th smallest of ``keys``, how many are smaller and how many equal it."""
+    key = int(np.partition(keys, count - 1)[count - 1])
+    return key, int(np.count_nonzero(keys < key)), int(np.count_nonzero(keys == key))
 
 
 def _window(

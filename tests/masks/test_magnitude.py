@@ -132,7 +132,9 @@ def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_prune_smallest_equals_the_reference_bit_for_bit(name, small_pieces, monkeypatch):
     array = CASES[name]
-    for select in ("sampled", "counted"):
+    for select in ("sampled", "whole", "counted"):
+        if select == "whole":  # selected from all of it, as tensors up to SAMPLE elements are
+            monkeypatch.setattr(magnitude, "SAMPLE", 1 << 20)
         if select == "counted":
             monkeypatch.setattr(magnitude, "sampled_threshold", lambda bits, count: None)
         for count in _counts(array.size):
