@@ -105,10 +105,14 @@ def prune_smallest(array: np.ndarray, count: int) -> tuple[np.ndarray | None, in
         keep_above, is_tie = threshold, functools.partial(_equal, value=threshold)
     result = np.empty(array.shape, np.float32)
     out = result.reshape(-1).view(np.uint32)
-    chunks.map_slices(functools.partial(_keep_above, bits, out, keep_above), size)
-    pruned_ties = count - below
-    if ties > pruned_ties:  # the later ties stay: copy them back
-        _restore_ties(bits, out, is_tie, pruned_ties)
+    split = ties > count - below  # the later ties stay: they are copied back after
+    equal = split and threshold != NAN_KEY  # where they are is counted in the same pass
+    step = chunks.SLICE
+    found = chunks.map_slices(
+        functools.partial(_keep_above, bits, out, keep_above, equal), size, step
+    )
+    if split:
+        _restore_ties(bits, out, is_tie, count - below, found if equal else None, step)
     return result, count
 
 
@@ -233,17 +237,24 @@ def _fine_histogram(bits: np.ndarray, low: int, start: int, stop: int) -> np.nda
     return counts
 
 
-def _keep_above(bits: np.ndarray, out: np.ndarray, limit: int, start: int, stop: int) -> None:
+def _keep_above(
+    bits: np.ndarray, out: np.ndarray, limit: int, count_equal: bool, start: int, stop: int
+) -> int:
     """``out = bits where |w| > limit, else 0`` over ``[start, stop)``, in integer arithmetic:
-    ``(limit - |w|) >> 31`` is all ones exactly where ``|w| > limit``."""
+    ``(limit - |w|) >> 31`` is all ones exactly where ``|w| > limit``. Returns how many
+    ``|w| == limit`` (0 unless ``count_equal``)."""
     source, target = bits.view(np.int32), out.view(np.int32)
     buffer = np.empty(chunks.PIECE, np.int32)
+    equal = 0
     for begin, end in chunks.pieces(start, stop):
         mask = buffer[: end - begin]
         np.bitwise_and(source[begin:end], _MAGNITUDE, out=mask)
         np.subtract(np.int32(limit), mask, out=mask)
+        if count_equal:
+            equal += int(np.count_nonzero(mask == 0))
         np.right_shift(mask, 31, out=mask)
         np.bitwise_and(mask, source[begin:end], out=target[begin:end])
+    return equal
 
 
 def _equal(bits: np.ndarray, value: int) -> np.ndarray:
@@ -255,15 +266,22 @@ def _above(bits: np.ndarray, limit: int) -> np.ndarray:
 
 
 def _restore_ties(
-    bits: np.ndarray, out: np.ndarray, is_tie: Callable[[np.ndarray], np.ndarray], skip: int
+    bits: np.ndarray,
+    out: np.ndarray,
+    is_tie: Callable[[np.ndarray], np.ndarray],
+    skip: int,
+    counts: list[int] | None,
+    step: int,
 ) -> None:
-    """Copy into ``out`` every tie of ``bits`` but the first ``skip`` in flat order."""
-    size, step = bits.size, chunks.SLICE
+    """Copy into ``out`` every tie of ``bits`` but the first ``skip`` in flat order, given the
+    tie count of each slice of ``step`` elements (counted here when None)."""
+    size = bits.size
 
     def count(start: int, stop: int) -> int:
         return sum(int(np.count_nonzero(is_tie(bits[b:e]))) for b, e in chunks.pieces(start, stop))
 
-    counts = chunks.map_slices(count, size, step)
+    if counts is None:
+        counts = chunks.map_slices(count, size, step)
     firsts = np.cumsum([0, *counts]).tolist()  # ties before each slice
 
     def restore(start: int, stop: int) -> None:
