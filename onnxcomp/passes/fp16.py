@@ -401,16 +401,21 @@ def _to_half(tensor: ir.TensorProtocol) -> tuple[np.ndarray, int]:
         return new, int(np.count_nonzero((new == 0) & (array != 0)))
     flat = np.ascontiguousarray(array).reshape(-1)
     new = np.empty(array.shape, np.float16)
-    flushed = chunks.map_slices(functools.partial(_slice_to_half, flat, new.reshape(-1)), flat.size)
+    session = _cast_session()  # made here, once: not by two threads at once
+    flushed = chunks.map_slices(
+        functools.partial(_slice_to_half, session, flat, new.reshape(-1)), flat.size
+    )
     return new, sum(flushed)
 
 
-def _slice_to_half(source: np.ndarray, target: np.ndarray, start: int, stop: int) -> int:
+def _slice_to_half(
+    session: ort.InferenceSession, source: np.ndarray, target: np.ndarray, start: int, stop: int
+) -> int:
     """Cast ``source[start:stop]`` into ``target``; how many nonzero values became zero."""
-    binding = _cast_session().io_binding()
+    binding = session.io_binding()
     binding.bind_input("x", "cpu", 0, np.float32, [stop - start], source[start:].ctypes.data)
     binding.bind_output("y", "cpu", 0, np.float16, [stop - start], target[start:].ctypes.data)
-    _cast_session().run_with_iobinding(binding)
+    session.run_with_iobinding(binding)
     bits = source.view(np.uint32)
     buffer = np.empty(chunks.PIECE, np.uint32)
     flushed = 0

@@ -423,3 +423,20 @@ def test_converted_weights_are_numpys_float16_and_tiny_ones_are_counted():
     got = numpy_helper.to_array(tensor)
     assert got.view(np.uint16).tobytes() == w.astype(np.float16).view(np.uint16).tobytes()
     assert result.stats["tiny_flushed"] == 4
+
+
+def test_cast_slices_on_threads_run_on_the_session_their_binding_came_from(monkeypatch):
+    # Two threads making the cached session at once got two sessions, and a binding from one
+    # was run on the other ("IOBinding must be used with the session that created it").
+    sessions, make = [], fp16._cast_session.__wrapped__
+
+    def fresh_each_time():
+        sessions.append(make())
+        return sessions[-1]
+
+    monkeypatch.setattr(fp16, "_cast_session", fresh_each_time)
+    monkeypatch.setattr(chunks, "SLICE", 1 << 12)  # 16 slices on threads
+    array = np.random.default_rng(2).standard_normal(1 << 16).astype(np.float32)
+    new, _ = fp16._to_half(ir.tensor(array))
+    assert new.tobytes() == array.astype(np.float16).tobytes()
+    assert len(sessions) == 1
