@@ -21,8 +21,11 @@ the pipeline's numeric check reports by how much (recovering accuracy is distill
 
 Tensors are scored, masked and rewritten one at a time (the source released as soon as it is
 read, see :mod:`onnxcomp.passes._weights`), so a big model is pruned in the memory of a few
-tensors; ``scope=global`` ranks all scores together and holds them all. The deflate size of a
-tensor past :data:`ZIP_SAMPLE_BYTES` is estimated from evenly spaced chunks of it.
+tensors; ``scope=global`` ranks all scores together and holds them all. The default (``|w|``
+per layer) on float32 makes neither score nor mask: :func:`onnxcomp.masks.prune_smallest`
+writes the same result in threaded passes over the weight's bits. The deflate size of a tensor
+past :data:`ZIP_SAMPLE_BYTES` is estimated from evenly spaced chunks of it, deflated on
+background threads while the next tensors are pruned.
 """
 
 from __future__ import annotations
