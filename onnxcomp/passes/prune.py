@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Literal
@@ -66,6 +67,7 @@ ZIP_LEVEL = 6  # zip's and gzip's default deflate level
 ZIP_SAMPLE_BYTES = 1 << 19
 _ZIP_CHUNKS = 8
 _ZIP_THREADS = 2  # deflating beside the pruning (zlib runs at ~30 MB/s)
+_ZIP_PENDING = 8  # tensors whose samples (up to 2 x 512 KB each) may wait to be deflated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,10 +299,13 @@ def _write_pruned(
     weight at a time, and report what changed.
 
     The deflate sizes are measured on background threads (zlib frees the GIL) from copies of
-    the sampled bytes, while the next tensors are pruned and written."""
+    the sampled bytes, while the next tensors are pruned and written; at most
+    :data:`_ZIP_PENDING` tensors' samples wait (small tensors are pruned faster than zlib
+    deflates them)."""
     per_tensor: dict[str, float] = {}
     zeros = total = rewritten = dense_bytes = 0
-    sizes: list[Future[int]] = []
+    zip_sizes = [0, 0]  # before, after
+    pending: deque[tuple[Future[int], Future[int]]] = deque()
     with ThreadPoolExecutor(_ZIP_THREADS) as deflating:
         for weight in weights:
             pruned, new_zeros, before = prune(weight)
@@ -314,27 +319,34 @@ def _write_pruned(
                 release(weight.value.const_value)
                 continue  # nothing new to zero
             assert before is not None
-            sizes += [deflating.submit(before.deflated),
-                      deflating.submit(_ZipSample.of(pruned).deflated)]  # fmt: skip
+            pending.append((deflating.submit(before.deflated),
+                            deflating.submit(_ZipSample.of(pruned).deflated)))  # fmt: skip
+            while len(pending) > _ZIP_PENDING:
+                _add_sizes(zip_sizes, pending.popleft())
             dense_bytes += pruned.nbytes
             # A new tensor, never a write into the old one: loaded tensors are read-only views.
             set_weight(weight.value, ir.tensor(pruned))
             rewritten += 1
             del pruned  # before the next weight is pruned
-        zip_before = sum(future.result() for future in sizes[0::2])
-        zip_after = sum(future.result() for future in sizes[1::2])
+        while pending:
+            _add_sizes(zip_sizes, pending.popleft())
     stats = {
         **stats,
         "tensors": rewritten,
         "sparsity": round(zeros / total, 4) if total else 0.0,
         "per_tensor": per_tensor,
         "dense_bytes": dense_bytes,
-        "zip_bytes_before": zip_before,
-        "zip_bytes_after": zip_after,
+        "zip_bytes_before": zip_sizes[0],
+        "zip_bytes_after": zip_sizes[1],
     }
     if not weights:
         notes.append("no weights to prune")
     return CompressionResult(model, rewritten > 0, stats=stats, notes=notes)
+
+
+def _add_sizes(totals: list[int], sizes: tuple[Future[int], Future[int]]) -> None:
+    for index, size in enumerate(sizes):
+        totals[index] += size.result()
 
 
 def entropy_factors(
