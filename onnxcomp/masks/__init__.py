@@ -5,7 +5,12 @@ Every function takes scores (larger = more important; usually ``|w|``) and retur
 broken deterministically (see each module), so the same weights always give the same mask.
 """
 
-from onnxcomp.masks.magnitude import global_magnitude_masks, magnitude_mask, prune_count
+from onnxcomp.masks.magnitude import (
+    global_magnitude_masks,
+    magnitude_mask,
+    prune_count,
+    prune_smallest,
+)
 from onnxcomp.masks.nm import group_nonzeros, nm_mask, satisfies_nm
 
 __all__ = [
@@ -14,5 +19,6 @@ __all__ = [
     "magnitude_mask",
     "nm_mask",
     "prune_count",
+    "prune_smallest",
     "satisfies_nm",
 ]

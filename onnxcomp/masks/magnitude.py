@@ -3,14 +3,27 @@
 Ties are broken by position: among equal scores, the element with the lower flat (row-major)
 index is pruned first; across tensors (global masks) earlier tensors come first. The threshold
 is found with ``np.partition`` (linear time); only elements equal to it are ever ordered.
+
+:func:`prune_smallest` applies such a mask to a float32 weight without making the mask: it
+finds the threshold by counting (a radix select on the bits of ``|w|``) and writes the pruned
+copy in the same kind of pass, on threads, in cache-sized pieces (:mod:`onnxcomp.chunks`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from onnxcomp import chunks
+
+# Bits of a float32 |w| (sign cleared), read as an integer: for non-negative floats their
+# order is the order of the numbers, +inf above every finite value, NaNs above +inf.
+_MAGNITUDE = 0x7FFFFFFF
+_INF = 0x7F800000
+_BUCKET_BITS = 16  # the select counts the high 16 bits, then the low 16 in one bucket
 
 
 def prune_count(size: int, sparsity: float) -> int:
@@ -61,3 +74,224 @@ def _keep_flat(flat: np.ndarray, count: int) -> np.ndarray:
     keep[below] = False
     keep[np.flatnonzero(flat == threshold)[: count - int(np.count_nonzero(below))]] = False
     return keep
+
+
+def prune_smallest(array: np.ndarray, count: int) -> tuple[np.ndarray | None, int]:
+    """``array`` (float32) with its ``count`` smallest ``|w|`` set to +0, exactly as
+    ``np.where(magnitude_mask(np.abs(array), s), array, 0)`` for ``count = prune_count(size,
+    s)`` (the same ties pruned, NaN last), and the zero count of that result. The array is
+    None when no new zero would be made (the result equals ``array`` up to the sign of zeros).
+
+    No mask, sort or copy of ``|w|``: the count-th smallest ``|w|`` is selected on the bits of
+    ``|w|`` (:func:`sampled_threshold`, else :func:`counted_threshold`), then one pass writes
+    the result; memory is the result and a few pieces per thread."""
+    if array.dtype != np.float32:
+        raise TypeError(f"prune_smallest takes float32, not {array.dtype}")
+    flat = np.ascontiguousarray(array).reshape(-1)
+    size = flat.size
+    if count <= 0 or count >= size:
+        zeros = size - int(np.count_nonzero(flat))
+        if count <= 0 or zeros == size:
+            return None, zeros
+        return np.zeros(array.shape, np.float32), size
+    bits = flat.view(np.uint32)
+    threshold, below, ties = sampled_threshold(bits, count) or counted_threshold(bits, count)
+    if threshold == 0:
+        return None, ties  # only zeros go: they are the zeros there were
+    is_tie: Callable[[np.ndarray], np.ndarray]
+    if threshold == NAN_KEY:  # every number goes, then the first NaNs in flat order
+        keep_above, is_tie = _MAGNITUDE, functools.partial(_above, limit=_INF)
+    else:
+        keep_above, is_tie = threshold, functools.partial(_equal, value=threshold)
+    result = np.empty(array.shape, np.float32)
+    out = result.reshape(-1).view(np.uint32)
+    split = ties > count - below  # the later ties stay: they are copied back after
+    equal = split and threshold != NAN_KEY  # where they are is counted in the same pass
+    step = chunks.SLICE
+    found = chunks.map_slices(
+        functools.partial(_keep_above, bits, out, keep_above, equal), size, step
+    )
+    if split:
+        _restore_ties(bits, out, is_tie, count - below, found if equal else None, step)
+    return result, count
+
+
+# The threshold key :func:`counted_threshold` and :func:`sampled_threshold` give when the
+# count-th smallest |w| is a NaN (all NaNs are one value for the ranking, as for np.partition).
+NAN_KEY = _INF + 1
+SAMPLE = 1 << 16  # elements sampled to bracket the threshold
+
+
+def counted_threshold(bits: np.ndarray, count: int) -> tuple[int, int, int]:
+    """``(key, below, ties)``: the bits of the ``count``-th smallest ``|w|`` of float32
+    ``bits`` (:data:`NAN_KEY` for a NaN), how many ``|w|`` are smaller and how many equal it.
+
+    A radix select: a histogram of the high 16 bits of ``|w|`` finds the bucket holding it, a
+    histogram of the low 16 bits inside that bucket the value; two reads, any data."""
+    size = bits.size
+    coarse = np.sum(chunks.map_slices(functools.partial(_coarse_histogram, bits), size), axis=0)
+    cumulative = np.cumsum(coarse)
+    # Buckets above +inf's hold NaNs only: a threshold there is settled in +inf's bucket.
+    bucket = min(int(np.searchsorted(cumulative, count)), _INF >> _BUCKET_BITS)
+    before = int(cumulative[bucket - 1]) if bucket else 0
+    low = bucket << _BUCKET_BITS
+    fine = np.sum(chunks.map_slices(functools.partial(_fine_histogram, bits, low), size), axis=0)
+    if low == _INF and count > before + int(fine[0]):
+        numbers = before + int(fine[0])
+        return NAN_KEY, numbers, size - numbers
+    fine_cumulative = np.cumsum(fine)
+    index = int(np.searchsorted(fine_cumulative, count - before))
+    below = before + (int(fine_cumulative[index - 1]) if index else 0)
+    return low + index, below, int(fine[index])
+
+
+def sampled_threshold(bits: np.ndarray, count: int) -> tuple[int, int, int] | None:
+    """:func:`counted_threshold` in one read when a sample brackets the threshold, else None.
+
+    :data:`SAMPLE` elements (evenly spread, jittered so that no row or column pattern lines up
+    with the stride) give a window of ``|w|`` that holds the count-th smallest with a margin
+    of 4 standard deviations of the sample quantile; one read counts the ``|w|`` below the
+    window and gathers those in it (about 1.6% of them), where a partition finds the value.
+    None when the window missed it, gathered too much (many ties) or reaches the NaNs. A
+    tensor no bigger than the sample is its own: the value is selected from all of it."""
+    size = bits.size
+    if size <= SAMPLE:
+        return _selected(np.minimum(bits & np.uint32(_MAGNITUDE), np.uint32(NAN_KEY)), count)
+    step = size // SAMPLE
+    jitter = np.random.default_rng(0).integers(0, step, size=SAMPLE)
+    picks = np.arange(SAMPLE, dtype=np.int64) * step + jitter
+    share = count / size
+    margin = 4.0 * math.sqrt(SAMPLE * share * (1.0 - share)) + 16.0
+    first, last = math.floor(share * SAMPLE - margin), math.ceil(share * SAMPLE + margin)
+    ends = [end for end in (first, last) if 0 <= end < SAMPLE]
+    sample = np.partition(bits[picks] & np.uint32(_MAGNITUDE), ends) if ends else None
+    low = int(sample[first]) if sample is not None and first >= 0 else 0
+    high = int(sample[last]) + 1 if sample is not None and last < SAMPLE else _MAGNITUDE + 1
+    if high > NAN_KEY:
+        return None
+    # Expected in the window: (last - first) / SAMPLE of the elements; allow 4x.
+    limit = 4.0 * (min(last, SAMPLE) - max(first, 0) + 1) / SAMPLE
+    gathered = chunks.map_slices(functools.partial(_window, bits, low, high - low, limit), size)
+    if any(part is None for part in gathered):
+        return None
+    below = sum(part[0] for part in gathered)  # type: ignore[index]
+    inside = np.concatenate([part[1] for part in gathered])  # type: ignore[index]
+    if not below < count <= below + inside.size:
+        return None
+    offset, below_inside, ties = _selected(inside, count - below)
+    return low + offset, below + below_inside, ties
+
+
+def _selected(keys: np.ndarray, count: int) -> tuple[int, int, int]:
+    """The ``count``-th smallest of ``keys``, how many are smaller and how many equal it."""
+    key = int(np.partition(keys, count - 1)[count - 1])
+    return key, int(np.count_nonzero(keys < key)), int(np.count_nonzero(keys == key))
+
+
+def _window(
+    bits: np.ndarray, low: int, width: int, limit: float, start: int, stop: int
+) -> tuple[int, np.ndarray] | None:
+    """How many ``|w|`` of ``bits[start:stop]`` are below ``low``, and ``|w| - low`` of those
+    in ``[low, low + width)``; None past ``limit`` times the slice's size of those."""
+    below, inside, gathered = 0, [], 0
+    most = limit * (stop - start) + chunks.PIECE
+    wrapped = np.uint32((1 << 32) - low) if low else None  # |w| - low of |w| < low wraps
+    buffer = np.empty(chunks.PIECE, np.uint32)
+    for begin, end in chunks.pieces(start, stop):
+        offset = buffer[: end - begin]
+        np.bitwise_and(bits[begin:end], _MAGNITUDE, out=offset)
+        if wrapped is not None:
+            offset -= np.uint32(low)
+            below += int(np.count_nonzero(offset >= wrapped))
+        found = offset[offset < width]
+        gathered += found.size
+        if gathered > most:
+            return None
+        inside.append(found)
+    return below, np.concatenate(inside) if inside else np.empty(0, np.uint32)
+
+
+def _coarse_histogram(bits: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Counts of the high 16 bits of ``|w|`` (the top one, the sign, cleared: 15) over
+    ``bits[start:stop]``."""
+    size = 1 << (_BUCKET_BITS - 1)
+    counts = np.zeros(size, np.int64)
+    buffer = np.empty(chunks.PIECE, np.uint32)
+    for begin, end in chunks.pieces(start, stop):
+        high = buffer[: end - begin]
+        np.right_shift(bits[begin:end], _BUCKET_BITS, out=high)
+        high &= size - 1  # (folding the sign's half after a 65536-bin count is ~5x slower)
+        counts += np.bincount(high, minlength=size)
+    return counts
+
+
+def _fine_histogram(bits: np.ndarray, low: int, start: int, stop: int) -> np.ndarray:
+    """Counts of ``|w| - low`` over ``bits[start:stop]``, for ``|w|`` in one high bucket."""
+    counts = np.zeros(1 << _BUCKET_BITS, np.int64)
+    buffer = np.empty(chunks.PIECE, np.uint32)
+    for begin, end in chunks.pieces(start, stop):
+        offset = buffer[: end - begin]
+        np.bitwise_and(bits[begin:end], _MAGNITUDE, out=offset)
+        offset -= np.uint32(low)  # below the bucket wraps round to large values
+        counts += np.bincount(offset[offset < (1 << _BUCKET_BITS)], minlength=1 << _BUCKET_BITS)
+    return counts
+
+
+def _keep_above(
+    bits: np.ndarray, out: np.ndarray, limit: int, count_equal: bool, start: int, stop: int
+) -> int:
+    """``out = bits where |w| > limit, else 0`` over ``[start, stop)``, in integer arithmetic:
+    ``(limit - |w|) >> 31`` is all ones exactly where ``|w| > limit``. Returns how many
+    ``|w| == limit`` (0 unless ``count_equal``)."""
+    source, target = bits.view(np.int32), out.view(np.int32)
+    buffer = np.empty(chunks.PIECE, np.int32)
+    equal = 0
+    for begin, end in chunks.pieces(start, stop):
+        mask = buffer[: end - begin]
+        np.bitwise_and(source[begin:end], _MAGNITUDE, out=mask)
+        np.subtract(np.int32(limit), mask, out=mask)
+        if count_equal:
+            equal += int(np.count_nonzero(mask == 0))
+        np.right_shift(mask, 31, out=mask)
+        np.bitwise_and(mask, source[begin:end], out=target[begin:end])
+    return equal
+
+
+def _equal(bits: np.ndarray, value: int) -> np.ndarray:
+    return (bits & _MAGNITUDE) == value
+
+
+def _above(bits: np.ndarray, limit: int) -> np.ndarray:
+    return (bits & _MAGNITUDE) > limit
+
+
+def _restore_ties(
+    bits: np.ndarray,
+    out: np.ndarray,
+    is_tie: Callable[[np.ndarray], np.ndarray],
+    skip: int,
+    counts: list[int] | None,
+    step: int,
+) -> None:
+    """Copy into ``out`` every tie of ``bits`` but the first ``skip`` in flat order, given the
+    tie count of each slice of ``step`` elements (counted here when None)."""
+    size = bits.size
+
+    def count(start: int, stop: int) -> int:
+        return sum(int(np.count_nonzero(is_tie(bits[b:e]))) for b, e in chunks.pieces(start, stop))
+
+    if counts is None:
+        counts = chunks.map_slices(count, size, step)
+    firsts = np.cumsum([0, *counts]).tolist()  # ties before each slice
+
+    def restore(start: int, stop: int) -> None:
+        seen = firsts[start // step]
+        if firsts[start // step + 1] <= skip:
+            return  # every tie in this slice is among the first ``skip``
+        for begin, end in chunks.pieces(start, stop):
+            found = np.flatnonzero(is_tie(bits[begin:end]))
+            kept = found[max(skip - seen, 0) :] + begin
+            seen += found.size
+            out[kept] = bits[kept]
+
+    chunks.map_slices(restore, size, step)

@@ -21,8 +21,11 @@ the pipeline's numeric check reports by how much (recovering accuracy is distill
 
 Tensors are scored, masked and rewritten one at a time (the source released as soon as it is
 read, see :mod:`onnxcomp.passes._weights`), so a big model is pruned in the memory of a few
-tensors; ``scope=global`` ranks all scores together and holds them all. The deflate size of a
-tensor past :data:`ZIP_SAMPLE_BYTES` is estimated from evenly spaced chunks of it.
+tensors; ``scope=global`` ranks all scores together and holds them all. The default (``|w|``
+per layer) on float32 makes neither score nor mask: :func:`onnxcomp.masks.prune_smallest`
+writes the same result in threaded passes over the weight's bits. The deflate size of a tensor
+past :data:`ZIP_SAMPLE_BYTES` is estimated from evenly spaced chunks of it, deflated on
+background threads while the next tensors are pruned.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
-from collections.abc import Collection, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -61,6 +66,8 @@ ZIP_LEVEL = 6  # zip's and gzip's default deflate level
 # summing to this (deflate looks back 32 KB, so 64 KB chunks compress as in the whole).
 ZIP_SAMPLE_BYTES = 1 << 19
 _ZIP_CHUNKS = 8
+_ZIP_THREADS = 2  # deflating beside the pruning (zlib runs at ~30 MB/s)
+_ZIP_PENDING = 8  # tensors whose samples (up to 2 x 512 KB each) may wait to be deflated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,15 +149,18 @@ class MagnitudePrunePass(CompressionPass):
                 model, weights, self.data, bins=o.bins, samples=o.samples
             )
             factors, notes = list(found), notes + entropy_notes
+        stats = {"target_sparsity": o.sparsity, "scope": o.scope}
+        if o.importance != "magnitude":
+            stats["importance"] = o.importance
+        if o.scope == "layer" and o.importance == "magnitude":
+            prune = functools.partial(_magnitude_pruned, sparsity=o.sparsity)
+            return _write_pruned(model, weights, prune, notes, stats)
         scores = (_score(w, f) for w, f in zip(weights, factors, strict=True))
         keep: Iterable[np.ndarray]
         if o.scope == "global":
             keep = masks.global_magnitude_masks(list(scores), o.sparsity)
         else:  # one tensor at a time: write_masks draws each mask as it gets to its tensor
             keep = map(functools.partial(masks.magnitude_mask, sparsity=o.sparsity), scores)
-        stats = {"target_sparsity": o.sparsity, "scope": o.scope}
-        if o.importance != "magnitude":
-            stats["importance"] = o.importance
         return write_masks(model, weights, keep, notes, stats)
 
 
@@ -273,40 +283,70 @@ def write_masks(
 
     ``keep`` may be a generator: each mask is drawn when its tensor's turn comes, so only one
     tensor's score, mask and pruned copy exist at a time."""
-    per_tensor: dict[str, float] = {}
-    zeros = total = rewritten = dense_bytes = zip_before = zip_after = 0
     drawn = iter(keep)
-    for weight in weights:  # not zip(): it would keep the last mask alive while drawing one
-        mask = next(drawn)
-        pruned, new_zeros, old_zeros, old_zip = _pruned(weight, mask)
-        del mask
-        per_tensor[weight.name] = round(new_zeros / max(pruned.size, 1), 4)
-        zeros += new_zeros
-        total += pruned.size
-        if new_zeros == pruned.size:
-            notes.append(f"{weight.name}: every weight is zero; its layer now outputs its bias")
-        if new_zeros == old_zeros:
-            release(weight.value.const_value)
-            continue  # nothing new to zero
-        zip_before += old_zip
-        zip_after += _deflated(pruned)
-        dense_bytes += pruned.nbytes
-        # A new tensor, never a write into the old one: loaded tensors are read-only file views.
-        set_weight(weight.value, ir.tensor(pruned))
-        rewritten += 1
-        del pruned  # before the next mask is drawn
+    # not zip(): it would keep the last mask alive while drawing one
+    return _write_pruned(model, weights, lambda weight: _pruned(weight, next(drawn)), notes, stats)
+
+
+def _write_pruned(
+    model: ir.Model,
+    weights: Sequence[Weight],
+    prune: Callable[[Weight], tuple[np.ndarray | None, int, _ZipSample | None]],
+    notes: list[str],
+    stats: dict,
+) -> CompressionResult:
+    """Give each weight the new tensor ``prune(weight)`` makes (see :func:`_pruned`), one
+    weight at a time, and report what changed.
+
+    The deflate sizes are measured on background threads (zlib frees the GIL) from copies of
+    the sampled bytes, while the next tensors are pruned and written; at most
+    :data:`_ZIP_PENDING` tensors' samples wait (small tensors are pruned faster than zlib
+    deflates them)."""
+    per_tensor: dict[str, float] = {}
+    zeros = total = rewritten = dense_bytes = 0
+    zip_sizes = [0, 0]  # before, after
+    pending: deque[tuple[Future[int], Future[int]]] = deque()
+    with ThreadPoolExecutor(_ZIP_THREADS) as deflating:
+        for weight in weights:
+            pruned, new_zeros, before = prune(weight)
+            size = weight.size
+            per_tensor[weight.name] = round(new_zeros / max(size, 1), 4)
+            zeros += new_zeros
+            total += size
+            if new_zeros == size:
+                notes.append(f"{weight.name}: every weight is zero; its layer now outputs its bias")
+            if pruned is None:
+                release(weight.value.const_value)
+                continue  # nothing new to zero
+            assert before is not None
+            pending.append((deflating.submit(before.deflated),
+                            deflating.submit(_ZipSample.of(pruned).deflated)))  # fmt: skip
+            while len(pending) > _ZIP_PENDING:
+                _add_sizes(zip_sizes, pending.popleft())
+            dense_bytes += pruned.nbytes
+            # A new tensor, never a write into the old one: loaded tensors are read-only views.
+            set_weight(weight.value, ir.tensor(pruned))
+            rewritten += 1
+            del pruned  # before the next weight is pruned
+        while pending:
+            _add_sizes(zip_sizes, pending.popleft())
     stats = {
         **stats,
         "tensors": rewritten,
         "sparsity": round(zeros / total, 4) if total else 0.0,
         "per_tensor": per_tensor,
         "dense_bytes": dense_bytes,
-        "zip_bytes_before": zip_before,
-        "zip_bytes_after": zip_after,
+        "zip_bytes_before": zip_sizes[0],
+        "zip_bytes_after": zip_sizes[1],
     }
     if not weights:
         notes.append("no weights to prune")
     return CompressionResult(model, rewritten > 0, stats=stats, notes=notes)
+
+
+def _add_sizes(totals: list[int], sizes: tuple[Future[int], Future[int]]) -> None:
+    for index, size in enumerate(sizes):
+        totals[index] += size.result()
 
 
 def entropy_factors(
@@ -355,27 +395,55 @@ def _score(weight: Weight, factor: np.ndarray | None) -> np.ndarray:
     return score if factor is None else score * factor
 
 
-def _pruned(weight: Weight, mask: np.ndarray) -> tuple[np.ndarray, int, int, int]:
-    """The weight with zeros where ``mask`` is False, its zero count, the original's zero
-    count and deflate size (the original is read here, and only here, before it is released)."""
+def _pruned(weight: Weight, mask: np.ndarray) -> tuple[np.ndarray | None, int, _ZipSample | None]:
+    """The weight with zeros where ``mask`` is False (None when that adds no zero), its zero
+    count and the bytes of the original that its deflate size is measured on (the original is
+    read here, and only here, before it is released)."""
     array = weight.array
     pruned = np.where(mask, array, np.zeros((), array.dtype))
     new_zeros = int(pruned.size - np.count_nonzero(pruned))
-    old_zeros = int(array.size - np.count_nonzero(array))
-    old_zip = _deflated(array) if new_zeros != old_zeros else 0
-    return pruned, new_zeros, old_zeros, old_zip
+    if new_zeros == int(array.size - np.count_nonzero(array)):
+        return None, new_zeros, None
+    return pruned, new_zeros, _ZipSample.of(array)
 
 
-def _deflated(array: np.ndarray) -> int:
-    """Deflate size of ``array``'s bytes; estimated from evenly spaced chunks (summing to
-    :data:`ZIP_SAMPLE_BYTES`) for a bigger array."""
-    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-    if flat.size <= ZIP_SAMPLE_BYTES:
-        return len(zlib.compress(flat.tobytes(), ZIP_LEVEL))
-    chunk = ZIP_SAMPLE_BYTES // _ZIP_CHUNKS
-    starts = np.linspace(0, flat.size - chunk, _ZIP_CHUNKS).astype(np.int64)
-    sampled = sum(len(zlib.compress(flat[s : s + chunk].tobytes(), ZIP_LEVEL)) for s in starts)
-    return int(sampled * flat.size / (chunk * _ZIP_CHUNKS))
+def _magnitude_pruned(
+    weight: Weight, sparsity: float
+) -> tuple[np.ndarray | None, int, _ZipSample | None]:
+    """:func:`_pruned` with the weight's :func:`~onnxcomp.masks.magnitude_mask` of ``|w|``,
+    made without the mask for float32 (:func:`~onnxcomp.masks.prune_smallest`, same result)."""
+    array = weight.array
+    if array.dtype != np.float32:
+        return _pruned(weight, masks.magnitude_mask(_score(weight, None), sparsity))
+    pruned, new_zeros = masks.prune_smallest(array, masks.prune_count(array.size, sparsity))
+    return pruned, new_zeros, (_ZipSample.of(array) if pruned is not None else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ZipSample:
+    """The bytes of an array its deflate size is measured on: all of them, or for an array
+    past :data:`ZIP_SAMPLE_BYTES` evenly spaced chunks summing to that (copied: the array
+    may be released before they are deflated)."""
+
+    chunks: list[bytes]
+    nbytes: int
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> _ZipSample:
+        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        if flat.size <= ZIP_SAMPLE_BYTES:
+            return cls([flat.tobytes()], flat.size)
+        chunk = ZIP_SAMPLE_BYTES // _ZIP_CHUNKS
+        starts = np.linspace(0, flat.size - chunk, _ZIP_CHUNKS).astype(np.int64)
+        return cls([flat[s : s + chunk].tobytes() for s in starts], flat.size)
+
+    def deflated(self) -> int:
+        """Deflate size of the array (zlib level :data:`ZIP_LEVEL`), estimated from the
+        chunks when it was sampled."""
+        sampled = sum(len(zlib.compress(chunk, ZIP_LEVEL)) for chunk in self.chunks)
+        if self.nbytes <= ZIP_SAMPLE_BYTES:
+            return sampled
+        return int(sampled * self.nbytes / (ZIP_SAMPLE_BYTES // _ZIP_CHUNKS * _ZIP_CHUNKS))
 
 
 def _has_constant_weight(node: ir.Node, op_types: Collection[str]) -> bool:

@@ -18,9 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnxcomp
+from onnxcomp import chunks
 from onnxcomp.data import Dataset, load_data
 from onnxcomp.errors import UsageError
-from onnxcomp.passes import Float16Options, Float16Pass
+from onnxcomp.passes import Float16Options, Float16Pass, fp16
 from tests.conftest import MODELS, run_onnx
 
 RNG = np.random.default_rng(0)
@@ -333,3 +334,109 @@ def test_fp16_model_file_loads_in_ort_at_every_optimisation_level(tmp_path: Path
         options.graph_optimization_level = level
         session = ort.InferenceSession(str(output), options, providers=["CPUExecutionProvider"])
         assert np.isfinite(session.run(None, feeds)[0]).all()
+
+
+# The weight cast (ONNX Runtime's Cast on threads, NaN pieces by numpy) and the range check
+# (min/max per piece) against plain numpy, bit for bit.
+
+
+def _reference_half(array: np.ndarray) -> tuple[np.ndarray, int]:
+    with np.errstate(over="ignore"):
+        new = array.astype(np.float16)
+    return new, int(np.count_nonzero((new == 0) & (array != 0)))
+
+
+def _reference_max_abs(array: np.ndarray) -> float:
+    finite = array[np.isfinite(array)]
+    return float(np.abs(finite).max()) if finite.size else 0.0
+
+
+def _bits(*patterns: int) -> np.ndarray:
+    values = np.array(patterns, np.uint32)
+    return np.concatenate([values, values | np.uint32(0x80000000)]).view(np.float32)
+
+
+# Around fp16's flush to zero (2**-25 rounds to 0, the next float up to 2**-24), its smallest
+# subnormal and normal, its largest value and overflow (65520 rounds to inf), inf, NaNs.
+EDGES = _bits(0, 1, 0x00800000, 0x32FFFFFF, 0x33000000, 0x33000001, 0x337FFFFF, 0x33800000,
+              0x33C00000, 0x387FE000, 0x387FF000, 0x38800000, 0x477FE000, 0x477FEFFF,
+              0x477FF000, 0x477FF001, 0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FA00000,
+              0x7FC00000, 0x7FC01234, 0x7FFFFFFF)  # fmt: skip
+
+
+def _half_cases() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    mixed = (rng.standard_normal(5000) * np.exp2(rng.integers(-30, 20, 5000))).astype(np.float32)
+    mixed[rng.integers(0, 5000, 40)] = rng.choice(EDGES, 40)
+    clean = rng.standard_normal((37, 53)).astype(np.float32)
+    clean[3, 5] = np.nan  # NaN in one piece only
+    return {
+        "edges": EDGES,
+        "mixed": mixed,
+        "clean_and_one_nan": clean,
+        "sweep": np.arange(0, 1 << 32, 65537, dtype=np.uint64).astype(np.uint32).view(np.float32),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+
+
+@pytest.mark.parametrize("name", list(_half_cases()))
+def test_weight_cast_and_flush_count_equal_numpys(name, monkeypatch):
+    monkeypatch.setattr(chunks, "PIECE", 64)  # many pieces and slices, slices on threads
+    monkeypatch.setattr(chunks, "SLICE", 448)
+    monkeypatch.setattr(fp16, "_SESSION_MIN_SIZE", 0)  # ONNX Runtime's cast, however small
+    array = _half_cases()[name]
+    new, flushed = fp16._to_half(ir.tensor(array))
+    want, want_flushed = _reference_half(array)
+    assert new.shape == array.shape and new.dtype == np.float16
+    assert new.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
+    assert flushed == want_flushed
+    assert fp16._max_abs(array) == _reference_max_abs(array)
+
+
+def test_weight_cast_of_every_4099th_float32_equals_numpys():
+    array = np.arange(0, 1 << 32, 4099, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    new, flushed = fp16._to_half(ir.tensor(array))
+    want, want_flushed = _reference_half(array)
+    assert new.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
+    assert flushed == want_flushed > 0
+
+
+def test_max_abs_skips_nonfinite_values_wherever_they_are(monkeypatch):
+    monkeypatch.setattr(chunks, "PIECE", 8)
+    array = np.arange(-50, 50, dtype=np.float32)
+    array[[0, 60]] = [-np.inf, np.nan]  # -50 and 10 gone: 49 is the largest |x|
+    assert fp16._max_abs(array) == 49.0
+    assert fp16._max_abs(np.array([np.nan, -np.inf], np.float32)) == 0.0
+    assert fp16._max_abs(np.full(20, -3.5, np.float32)) == 3.5
+
+
+def test_converted_weights_are_numpys_float16_and_tiny_ones_are_counted():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    w.reshape(-1)[:7] = [1e-8, -2e-8, 2.9e-8, 2.0**-25, 3e-8, 0.0, np.nan]  # 4 flush to 0
+    model = _make(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [("x", TensorProto.FLOAT, [2, 16])], [("y", TensorProto.FLOAT, [2, 8])], {"w": w},
+    )  # fmt: skip
+    converted, result = _convert(model)
+    (tensor,) = [t for t in converted.graph.initializer if t.name == "w"]
+    got = numpy_helper.to_array(tensor)
+    assert got.view(np.uint16).tobytes() == w.astype(np.float16).view(np.uint16).tobytes()
+    assert result.stats["tiny_flushed"] == 4
+
+
+def test_cast_slices_on_threads_run_on_the_session_their_binding_came_from(monkeypatch):
+    # Two threads making the cached session at once got two sessions, and a binding from one
+    # was run on the other ("IOBinding must be used with the session that created it").
+    sessions, make = [], fp16._cast_session.__wrapped__
+
+    def fresh_each_time():
+        sessions.append(make())
+        return sessions[-1]
+
+    monkeypatch.setattr(fp16, "_cast_session", fresh_each_time)
+    monkeypatch.setattr(chunks, "SLICE", 1 << 12)  # 16 slices on threads
+    array = np.random.default_rng(2).standard_normal(1 << 16).astype(np.float32)
+    new, _ = fp16._to_half(ir.tensor(array))
+    assert new.tobytes() == array.astype(np.float16).tobytes()
+    assert len(sessions) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,14 @@ import onnxcomp
 from onnxcomp.cli import main
 from onnxcomp.data import Dataset
 from onnxcomp.errors import UsageError
-from onnxcomp.masks import group_nonzeros, prune_count, satisfies_nm
+from onnxcomp.masks import group_nonzeros, magnitude_mask, prune_count, satisfies_nm
 from onnxcomp.passes import (
     MagnitudePruneOptions,
     MagnitudePrunePass,
     NMPruneOptions,
     NMPrunePass,
 )
+from onnxcomp.passes import prune as prune_module
 from tests.conftest import MODELS, conv_bn_residual_model, run_onnx
 
 EVERY_LAYER = {"skip_first": False, "skip_last": False}
@@ -331,3 +333,55 @@ def test_weights_held_in_constant_nodes_are_pruned():
     model = ir.serde.deserialize_model(helper.make_model(graph))
     result = MagnitudePrunePass(MagnitudePruneOptions(sparsity=0.5, **EVERY_LAYER))(model)
     assert result.modified and result.stats["sparsity"] == 0.5
+
+
+def _reference_deflated(array: np.ndarray) -> int:
+    """The deflate estimate as prune computed it before it ran on threads: the whole array up
+    to 512 KB, else 8 evenly spaced 64 KB chunks scaled up to the array's size."""
+    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    if raw.size <= 1 << 19:
+        return len(zlib.compress(raw.tobytes(), 6))
+    starts = np.linspace(0, raw.size - (1 << 16), 8).astype(np.int64)
+    sampled = sum(len(zlib.compress(raw[s : s + (1 << 16)].tobytes(), 6)) for s in starts)
+    return int(sampled * raw.size / (1 << 19))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_layer_pruning_writes_the_masked_weights_and_the_same_stats(dtype, monkeypatch):
+    # Ties at every threshold (weights on a 0.1 grid); w1 is past the 512 KB deflate sample.
+    monkeypatch.setattr(prune_module, "_ZIP_PENDING", 1)  # w1's sizes are added before w2's
+    rng = np.random.default_rng(4)
+    w1 = (rng.integers(-20, 21, (400, 400)) / 10).astype(dtype)
+    w2 = (rng.integers(-20, 21, (400, 8)) / 10).astype(dtype)
+    w2[:, 0] = 0  # zeros already: 1/8 of w2
+    elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")],
+        "mlp", [helper.make_tensor_value_info("x", elem, ["N", 400])],
+        [helper.make_tensor_value_info("y", elem, ["N", 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )  # fmt: skip
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for sparsity in (0.1, 0.37, 0.5):  # 0.1: w2's zeros are all it would prune
+        pruned, result = _run(
+            MagnitudePrunePass(MagnitudePruneOptions(sparsity=sparsity, **EVERY_LAYER)), original
+        )
+        after = _weights(pruned)
+        zips_before = zips_after = rewritten = 0
+        for name, w in (("w1", w1), ("w2", w2)):
+            keep = magnitude_mask(np.abs(w).astype(np.float32), sparsity)
+            want = np.where(keep, w, np.zeros((), w.dtype))
+            zeros = want.size - np.count_nonzero(want)
+            assert result.stats["per_tensor"][name] == round(zeros / w.size, 4)
+            if zeros == w.size - np.count_nonzero(w):
+                np.testing.assert_array_equal(after[name], w)  # left as it was
+                continue
+            assert after[name].tobytes() == want.tobytes()
+            zips_before += _reference_deflated(w)
+            zips_after += _reference_deflated(want)
+            rewritten += 1
+        assert rewritten == result.stats["tensors"] == (1 if sparsity == 0.1 else 2)
+        assert result.stats["zip_bytes_before"] == zips_before
+        assert result.stats["zip_bytes_after"] == zips_after
