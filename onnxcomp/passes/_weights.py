@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import os
 from collections.abc import Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from onnxcomp import chunks
 from onnxcomp.io import SCRATCH_KEY, release
 from onnxcomp.passes._base import name_list
 
@@ -259,32 +258,22 @@ def _view(node: ir.Node, array: np.ndarray) -> np.ndarray | None:
 SCRATCH_MIN_BYTES = 1 << 20
 
 
-# Elements of a weight checked at once by all_finite: min and max of a piece this size read it
-# from the CPU's cache, not twice from memory.
-FINITE_CHUNK_ELEMENTS = 1 << 18
-
-
 def all_finite(array: np.ndarray) -> bool:
     """Whether ``array`` holds no NaN or inf: min and max propagate NaN and meet any inf, so
-    two reductions per cache-sized piece decide it without a boolean copy, the pieces shared
-    among a thread per core (numpy releases the GIL in them)."""
+    two reductions per cache-sized piece (:mod:`onnxcomp.chunks`) decide it without a boolean
+    copy, reading the weight from memory once, on a thread per core."""
     flat = np.asarray(array).reshape(-1)
     if flat.dtype.kind != "f":
         return True
-    if flat.size <= FINITE_CHUNK_ELEMENTS:
-        return flat.size == 0 or bool(np.isfinite(flat.min()) and np.isfinite(flat.max()))
-    starts = range(0, flat.size, FINITE_CHUNK_ELEMENTS)
-    per_thread = -(-len(starts) // min(os.cpu_count() or 1, 8))
 
-    def finite(first: int) -> bool:
-        for start in starts[first : first + per_thread]:
-            piece = flat[start : start + FINITE_CHUNK_ELEMENTS]
+    def finite(start: int, stop: int) -> bool:
+        for begin, end in chunks.pieces(start, stop):
+            piece = flat[begin:end]
             if not (np.isfinite(piece.min()) and np.isfinite(piece.max())):
                 return False
         return True
 
-    with ThreadPoolExecutor(-(-len(starts) // per_thread)) as pool:
-        return all(pool.map(finite, range(0, len(starts), per_thread)))
+    return all(chunks.map_slices(finite, flat.size))
 
 
 def stored(graph: ir.Graph | None, tensor: ir.TensorProtocol) -> ir.TensorProtocol:

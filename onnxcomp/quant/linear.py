@@ -9,23 +9,21 @@ scale dtype (rounded up when cast, so the bound holds for the stored scale).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
+
+from onnxcomp import chunks
 
 Reducer = Callable[..., np.ndarray]
 # Elements of a weight coded at once by :func:`by_groups`: the float64 temporaries of the
 # functions here (several times the chunk) stay in the tens of MB whatever the weight's size.
 CHUNK_ELEMENTS = 1 << 21
-MAX_THREADS = 8
 # Elements worked on at once inside one call: each pass over a piece's few float32 / float64
 # temporaries stays in the core's L2 cache instead of streaming a slice through memory
 # (4-10x faster on a 4096x8192 weight than whole-slice temporaries; 32K-128K all do as well).
-PIECE_ELEMENTS = 1 << 16
+PIECE_ELEMENTS = chunks.PIECE
 # numpy loops over runs shorter than this (a block of 32 along the last axis) pay a per-run
 # overhead many times their work: such layouts are rearranged a piece at a time first.
 SHORT_RUN = 64
@@ -297,7 +295,7 @@ def quantize(
                     part[index], s[broadcast_index(index, s.shape)],
                     None if z is None else z[broadcast_index(index, z.shape)], out[index],
                 ))  # fmt: skip
-        in_threads(lambda task: _round_pieces(*task, qmin, qmax), tasks)
+        chunks.parallel_map(lambda task: _round_pieces(*task, qmin, qmax), tasks)
         return codes
     shape = w.shape
     s = expand(scale64, shape, axis, block_size)
@@ -358,16 +356,6 @@ def _spans(shape: tuple[int, ...]) -> list[tuple]:
     return [(*lead, slice(i, min(i + step, shape[axis]))) for i in range(0, shape[axis], step)]
 
 
-def in_threads(work: Callable[[Any], Any], tasks: Sequence[Any]) -> list[Any]:
-    """``[work(task) for task in tasks]``, on a thread per core when there are several tasks
-    (numpy releases the GIL in its loops; each task holds its own small temporaries)."""
-    workers = min(len(tasks), os.cpu_count() or 1, MAX_THREADS)
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(work, tasks))
-    return [work(task) for task in tasks]
-
-
 def _dense(param: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
     """``param`` repeated along its broadcast axes to ``shape`` (np.repeat copies runs in
     blocks, where broadcasting in a ufunc loops over each short run)."""
@@ -407,7 +395,7 @@ def by_groups(
         return scale, zero_point
 
     # Slices are independent: one thread per core (a few slices' temporaries at once).
-    parts = in_threads(one, range(0, length, step))
+    parts = chunks.parallel_map(one, range(0, length, step))
     scales = [scale for scale, _ in parts]
     zeros = [zero_point for _, zero_point in parts]
     # Per channel, parameters are 1-D along the channels; per block they keep w's rank.

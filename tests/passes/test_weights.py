@@ -8,7 +8,8 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxcomp.passes import MagnitudePruneOptions, MagnitudePrunePass, _weights
+from onnxcomp import chunks
+from onnxcomp.passes import MagnitudePruneOptions, MagnitudePrunePass
 from onnxcomp.passes._weights import all_finite, find_weights, fold_weight_views
 from tests.conftest import run_onnx
 
@@ -160,7 +161,8 @@ def test_reshaped_and_unsqueezed_weights_are_folded_into_initializers():
 def test_all_finite_finds_one_bad_value_in_any_piece(
     bad: float, where: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_weights, "FINITE_CHUNK_ELEMENTS", 64)  # 32 pieces over the threads
+    monkeypatch.setattr(chunks, "PIECE", 64)  # 32 pieces, 4 slices over the threads
+    monkeypatch.setattr(chunks, "SLICE", 512)
     array = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float16)
     assert all_finite(array)
     array.reshape(-1)[where] = bad
