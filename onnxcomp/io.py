@@ -19,9 +19,10 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Collection, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from glob import escape as glob_escape
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -152,7 +153,11 @@ class ScratchData:
     """An external data file that new weights are appended to as passes make them, so that
     rewriting a big model never holds all of its new weights in memory: each is written once
     and read back memory-mapped (:class:`onnx_ir.ExternalTensor`) when a later pass or
-    :func:`save` needs it; ``save`` copies it into the output file by file range.
+    :func:`save` needs it; ``save`` makes the file the output's data (:meth:`adopt_into`).
+
+    Writes run on a background thread, one at a time, while the pass makes the next weight:
+    a tensor :meth:`store` returns waits for its bytes when first read, and :meth:`flush`
+    waits for all (the pipeline flushes after each pass; a failed write raises there).
 
     The folder (``.onnxcomp-scratch.PID.*`` in ``folder``, default the system's temporary
     folder) is removed when this object is garbage collected or at exit; one left by a killed
@@ -169,17 +174,30 @@ class ScratchData:
         self.path = self.dir / "weights.data"
         self.path.touch()
         self.bytes = 0
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
+        self._end = 0  # where the next tensor goes in self.path
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="onnxcomp-scratch")
+        self._pending: Future | None = None
+        self._finalizer = weakref.finalize(self, _close_scratch, self._writer, self.dir)
 
     def store(self, tensor: ir.TensorProtocol) -> ir.ExternalTensor:
-        """Append ``tensor``'s bytes and return a tensor reading them back from the file."""
-        with open(self.path, "r+b") as f:
-            offset, length = _append(f, tensor)
+        """Append ``tensor``'s bytes and return a tensor reading them back from the file (its
+        first read waits for the write). The caller must not change ``tensor`` afterwards."""
+        self.flush()  # one write in flight: the memory held stays one tensor's
+        offset = -(-self._end // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+        length = tensor.nbytes
+        self._end = offset + length
         self.bytes += length
-        return ir.ExternalTensor(
+        self._pending = self._writer.submit(_write_at, self.path, offset, length, tensor)
+        return _WrittenLater(
             self.path.name, offset, length, tensor.dtype, shape=ir.Shape(tensor.shape),
-            name=tensor.name or "", base_dir=self.dir,
+            name=tensor.name or "", base_dir=self.dir, written=self._pending,
         )  # fmt: skip
+
+    def flush(self) -> None:
+        """Wait until every stored tensor is in the file; raises what a write raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def adopt_into(self, model: ir.Model, onnx_path: Path, data_name: str) -> Path | None:
         """Write ``model`` as ``onnx_path`` with the scratch file itself, moved beside it as
@@ -190,6 +208,7 @@ class ScratchData:
         :data:`ADOPT_MIN_LIVE` of the file (weights a later pass replaced), or the output is
         on another file system. The model's tensors are left as they were (the caller points
         them at the output once it is in place: :func:`_read_from`)."""
+        self.flush()
         initializers = [
             v for graph in model.graphs() for v in graph.initializers.values()
             if v.const_value is not None
@@ -213,6 +232,7 @@ class ScratchData:
         # Later stores go to a new file: the output's data must not grow after it is written.
         self.path = self.dir / f"weights.{len(list(self.dir.iterdir()))}.data"
         self.path.touch()
+        self._end = 0
         kept = {v: v.const_value for v in initializers}
         try:
             with open(data_path, "r+b") as f:
@@ -253,6 +273,36 @@ def _read_from(model: ir.Model, old: Path, new: Path) -> None:
                     new.name, tensor.offset, tensor.length, tensor.dtype,
                     shape=ir.Shape(tensor.shape), name=tensor.name, base_dir=new.parent,
                 )  # fmt: skip
+
+
+class _WrittenLater(ir.ExternalTensor):
+    """A tensor in a :class:`ScratchData` file whose bytes a background write may still be
+    putting there: reading it waits for the write (and raises what the write raised)."""
+
+    def __init__(self, *args: Any, written: Future, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._written = written
+
+    def _load(self) -> None:
+        self._written.result()
+        super()._load()
+
+    def tofile(self, file: Any) -> None:
+        self._written.result()
+        super().tofile(file)
+
+
+def _write_at(path: Path, offset: int, length: int, tensor: ir.TensorProtocol) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        tensor.tofile(f)
+        if f.tell() - offset != length:  # nbytes promised what the file now holds
+            raise OSError(f"wrote {f.tell() - offset} bytes of '{tensor.name}', not {length}")
+
+
+def _close_scratch(writer: ThreadPoolExecutor, folder: Path) -> None:
+    writer.shutdown(wait=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _append(f, tensor: ir.TensorProtocol) -> tuple[int, int]:

@@ -392,6 +392,9 @@ def _worst_step(report: PipelineReport, metric: str) -> tuple[str | None, str]:
 def _run_one(label: str, compression_pass: CompressionPass, model: ir.Model) -> CompressionResult:
     try:
         result = compression_pass(model)
+        scratch = model.graph.meta.get(SCRATCH_KEY)
+        if scratch is not None:
+            scratch.flush()  # the pass's last weights are written before anything reads them
     except ir.passes.PreconditionError as e:
         if isinstance(e.__cause__, OnnxcompError):
             raise e.__cause__.with_context(f"pass '{label}'") from None

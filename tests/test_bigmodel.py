@@ -136,9 +136,11 @@ def test_weight_pass_holds_a_few_tensors_not_the_model(
     assert report.records[0].modified
     # New weights went to the scratch file (ternary: after the opset upgrade rebuilt the graph).
     assert model.graph.meta[SCRATCH_KEY].bytes > 0
-    # Holding every new weight (fp16: 4 tensors' worth, int8: 2), every score (prune: 8) or
-    # float64 copies of one tensor (8 bytes per element: 2 tensors) breaks this.
-    assert peak < 2.5 * TENSOR_BYTES, f"{passes}: {peak / 1e6:.0f} MB held at the peak"
+    # One weight being made and the one before it being written to scratch (at most one
+    # tensor: prune-nm's peak, 2.6 tensors). Holding every new weight (fp16: 4 tensors' worth,
+    # int8: 2), every score (prune: 8) or float64 copies of a tensor (8 bytes per element: 2
+    # tensors, on top) breaks this.
+    assert peak < 3 * TENSOR_BYTES, f"{passes}: {peak / 1e6:.0f} MB held at the peak"
     # What was written from the scratch file (packed INT4/INT2 codes too) is a whole model.
     onnx.checker.check_model(str(tmp_path / "out.onnx"))
     assert np.isfinite(_run(tmp_path / "out.onnx")).all()
@@ -437,3 +439,37 @@ def test_sampled_layers_stay_within_the_byte_budget(big_path: Path) -> None:
                             "conv (Conv)"]  # fmt: skip
     assert len(instrument.LayerSample(model, count=10).names) == 9  # every layer fits 256 MiB
     assert instrument.LayerSample(model, count=2).names == ["embed (Gather)", "down1 (MatMul)"]
+
+
+def test_a_stored_weight_read_at_once_waits_for_its_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = io._write_at
+
+    def slow_write(*args) -> None:
+        time.sleep(0.2)  # still writing when the tensor is read
+        real_write(*args)
+
+    monkeypatch.setattr(io, "_write_at", slow_write)
+    scratch = ScratchData(tmp_path)
+    values = np.arange(1 << 18, dtype=np.float32)
+    stored = scratch.store(ir.tensor(values, name="w"))
+    np.testing.assert_array_equal(stored.numpy(), values)
+    with open(tmp_path / "copy.bin", "wb") as f:  # and what save copies is whole too
+        scratch.store(ir.tensor(values * 2, name="w2")).tofile(f)
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "copy.bin", np.float32), values * 2)
+    stored.release()
+    scratch.close()
+
+
+def test_a_failed_scratch_write_fails_the_pass_in_one_line(
+    big_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(*args) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "_write_at", full_disk)
+    with pytest.raises(PassFailedError, match="No space left on device"):
+        onnxcomp.optimize(big_path, "int8", output=tmp_path / "out.onnx", check="none",
+                          stream_above=STREAM_ABOVE)  # fmt: skip
+    assert not (tmp_path / "out.onnx").exists()

@@ -622,18 +622,18 @@ def test_weights_in_external_data_are_read_ahead_one_at_a_time(
     path = tmp_path / "m.onnx"
     onnx.save_model(_linear_model(), path, save_as_external_data=True, location="m.data",
                     size_threshold=1024)  # fmt: skip
-    touched: list[tuple[int, int]] = []
-    real_touch = io._touch_pages
+    asked: list[tuple[int, int]] = []
+    real_call = io.Prefetcher.__call__
 
-    def touch(file: str, offset: int, length: int) -> None:
-        touched.append((offset, length))
-        real_touch(file, offset, length)
+    def prefetch(self: io.Prefetcher, *tensors: ir.TensorProtocol) -> None:
+        asked.extend((t.offset, t.length) for t in tensors)
+        real_call(self, *tensors)
 
-    monkeypatch.setattr(io, "_touch_pages", touch)
+    monkeypatch.setattr(io.Prefetcher, "__call__", prefetch)
     model = onnxcomp.load(path)
     external = {v.name: v.const_value for v in model.graph.initializers.values()
                 if isinstance(v.const_value, ir.ExternalTensor)}  # fmt: skip
     assert sorted(external) == ["w1", "w2"]
     WeightQuantizePass(WeightQuantizeOptions())(model)
     # Each weight once, in the order they are coded (w1 and w2 ahead at the start).
-    assert touched == [(t.offset, t.length) for t in (external["w1"], external["w2"])]
+    assert asked == [(t.offset, t.length) for t in (external["w1"], external["w2"])]
