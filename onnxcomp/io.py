@@ -18,11 +18,11 @@ import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -36,6 +36,7 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_500_000_000
+T = TypeVar("T")
 
 
 def load(path: str | os.PathLike) -> ir.Model:
@@ -344,6 +345,16 @@ class Prefetcher:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def read_ahead(items: Iterable[T], tensor: Callable[[T], ir.TensorProtocol | None]) -> Iterator[T]:
+    """``items`` in order, the next one's ``tensor(item)`` read from disk in the background
+    (:class:`Prefetcher`) while the caller works on the current one."""
+    items = list(items)
+    with Prefetcher() as prefetch:
+        for index, item in enumerate(items):
+            prefetch(*[tensor(ahead) for ahead in items[index + (index > 0) : index + 2]])
+            yield item
 
 
 def _touch_pages(path: str | os.PathLike, offset: int, length: int) -> None:

@@ -69,6 +69,7 @@ from onnx_ir.passes import common as common_passes
 from onnxcomp import chunks, runtime
 from onnxcomp.data import Dataset, static_batch
 from onnxcomp.errors import OnnxcompError, UsageError
+from onnxcomp.io import read_ahead
 from onnxcomp.passes._base import (
     CompressionPass,
     CompressionResult,
@@ -351,7 +352,7 @@ def _constant_array(node: ir.Node) -> np.ndarray | None:
 def _out_of_range_constants(graph: ir.Graph) -> dict[ir.Node, str]:
     """Nodes that read a float32 initializer, or are a Constant, beyond float16's range."""
     found: dict[ir.Node, str] = {}
-    for value in graph.initializers.values():
+    for value in read_ahead(graph.initializers.values(), _float_weight):
         tensor = value.const_value
         if tensor is None or tensor.dtype != FLOAT:
             continue
@@ -367,6 +368,12 @@ def _out_of_range_constants(graph: ir.Graph) -> dict[ir.Node, str]:
             for use in node.outputs[0].uses():
                 found[use.node] = f"reads '{node.outputs[0].name}', beyond float16's range"
     return found
+
+
+def _float_weight(value: ir.Value) -> ir.TensorProtocol | None:
+    """``value``'s tensor when it is float32 (what the loops over weights here read)."""
+    tensor = value.const_value
+    return tensor if tensor is not None and tensor.dtype == FLOAT else None
 
 
 def _max_abs(array: np.ndarray) -> float:
@@ -454,7 +461,7 @@ def _rewrite(model: ir.Model, plan: _Plan, *, keep_io_types: bool) -> dict:
     if not keep_io_types:
         half.update(v for v in graph.inputs if v.dtype == FLOAT and not v.is_initializer())
     bytes_before = bytes_after = converted = flushed = 0
-    for value in graph.initializers.values():
+    for value in read_ahead(graph.initializers.values(), _float_weight):
         tensor = value.const_value
         if (tensor is None or tensor.dtype != FLOAT or value.is_graph_input()
                 or value.is_graph_output() or not value.uses()):  # fmt: skip

@@ -43,6 +43,7 @@ import onnx_ir as ir
 
 from onnxcomp import masks
 from onnxcomp.errors import UsageError
+from onnxcomp.io import read_ahead
 from onnxcomp.passes._base import CompressionPass, CompressionResult, PassOptions, option
 from onnxcomp.passes._weights import (
     WEIGHT_INPUTS,
@@ -307,7 +308,8 @@ def _write_pruned(
     zip_sizes = [0, 0]  # before, after
     pending: deque[tuple[Future[int], Future[int]]] = deque()
     with ThreadPoolExecutor(_ZIP_THREADS) as deflating:
-        for weight in weights:
+        # The next weight is read from disk while this one is pruned.
+        for weight in read_ahead(weights, lambda w: w.value.const_value):
             pruned, new_zeros, before = prune(weight)
             size = weight.size
             per_tensor[weight.name] = round(new_zeros / max(size, 1), 4)

@@ -56,7 +56,7 @@ from onnx_ir.passes import common as common_passes
 from onnxcomp import decoder, quant, runtime
 from onnxcomp.data import run_batch_size
 from onnxcomp.errors import UnsupportedModelError, UsageError
-from onnxcomp.io import Prefetcher
+from onnxcomp.io import read_ahead
 from onnxcomp.passes._base import (
     CompressionPass,
     CompressionResult,
@@ -312,12 +312,10 @@ class WeightQuantizePass(CompressionPass):
             )
         done = {w.name for stage in stages for w in stage}
         pending = [w for w in weights if w.name not in done]
-        with Prefetcher() as prefetch:
-            # The next weight is read from disk while this one is coded (a model in external
-            # data that is not in the page cache yet).
-            for index, weight in enumerate(pending):
-                prefetch(*[w.value.const_value for w in pending[index + (index > 0) : index + 2]])
-                quantize_one(weight, None)
+        # The next weight is read from disk while this one is coded (a model in external data
+        # that is not in the page cache yet).
+        for weight in read_ahead(pending, _tensor_of):
+            quantize_one(weight, None)
         if weights:
             common_passes.TopologicalSortPass()(model)
 
@@ -761,6 +759,10 @@ class _InputStats:
 
 
 NONFINITE = "holds inf or NaN"
+
+
+def _tensor_of(weight: Weight) -> ir.TensorProtocol | None:
+    return weight.value.const_value
 
 
 def _drop_nonfinite(weights: list[Weight], skipped: list[Skipped]) -> list[Weight]:
