@@ -189,10 +189,10 @@ def store_scale(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
     info = ml_dtypes.finfo(dtype)
     safe = np.where(scale > 0, np.maximum(scale, float(info.tiny)), 1.0)
     stored = safe.astype(dtype)
-    low = stored.astype(np.float64) < safe
-    if np.any(low):
-        bumped = (safe * (1 + 2 * float(info.eps))).astype(dtype)
-        stored = np.where(low, bumped, stored).astype(dtype)
+    low = np.flatnonzero(stored.astype(np.float64) < safe)  # about half of them
+    if low.size:
+        bumped = safe.reshape(-1)[low] * (1 + 2 * float(info.eps))
+        stored.reshape(-1)[low] = bumped.astype(dtype)
     return stored
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from onnxcomp import quant
+from onnxcomp.quant import linear
 
 RNG = np.random.default_rng(0)
 W = (RNG.standard_normal((24, 40)) * RNG.uniform(0.01, 3, (24, 1))).astype(np.float32)
@@ -93,3 +94,31 @@ def test_limited_codes_stay_within_the_limit_and_the_half_step_bound():
     assert np.all(np.abs(back - w) <= scale / 2 + 1e-7)
     with pytest.raises(ValueError, match="limit"):
         quant.linear_params(w, 8, axis=1, symmetric=True, limit=200)
+
+
+def _store_scale_plain(scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """store_scale as first written (every element through np.where)."""
+    scale = np.asarray(scale, dtype=np.float64)
+    info = ml_dtypes.finfo(dtype)
+    safe = np.where(scale > 0, np.maximum(scale, float(info.tiny)), 1.0)
+    stored = safe.astype(dtype)
+    low = stored.astype(np.float64) < safe
+    if np.any(low):
+        bumped = (safe * (1 + 2 * float(info.eps))).astype(dtype)
+        stored = np.where(low, bumped, stored).astype(dtype)
+    return stored
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_store_scale_bumps_only_what_rounded_down_as_before(dtype) -> None:
+    rng = np.random.default_rng(3)
+    for scale in (np.abs(rng.standard_normal((64, 128))) * 0.01, np.array(0.3), np.array(1e-30),
+                  np.array([0.0, -1.0, np.nan, 1e-300, 1e300]),
+                  np.exp(rng.standard_normal(4096) * 30)):  # fmt: skip
+        ours = linear.store_scale(scale, np.dtype(dtype))
+        plain = _store_scale_plain(scale, dtype)
+        assert ours.dtype == plain.dtype and ours.shape == plain.shape
+        assert np.atleast_1d(ours).tobytes() == np.atleast_1d(plain).tobytes()
+        finite = np.isfinite(np.asarray(scale, np.float64)) & (np.asarray(scale) > 0)
+        assert np.all(ours.astype(np.float64)[finite] >= np.asarray(scale, np.float64)[finite])
