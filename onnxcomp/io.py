@@ -194,6 +194,12 @@ class ScratchData:
             name=tensor.name or "", base_dir=self.dir, written=self._pending,
         )  # fmt: skip
 
+    def holds(self, tensor: ir.TensorProtocol) -> bool:
+        """Whether ``tensor`` is read from a file of this scratch folder (already stored)."""
+        return isinstance(tensor, ir.ExternalTensor) and Path(_real(tensor.path)).parent == Path(
+            _real(self.dir)
+        )
+
     def flush(self) -> None:
         """Wait until every stored tensor is in the file; raises what a write raised."""
         pending, self._pending = self._pending, None

@@ -280,7 +280,7 @@ def stored(graph: ir.Graph | None, tensor: ir.TensorProtocol) -> ir.TensorProtoc
     """``tensor`` as ``graph`` keeps it: written to the pipeline's scratch data (and read back
     memory-mapped) when the pipeline streams a big model and the tensor is not small."""
     scratch = graph.meta.get(SCRATCH_KEY) if graph is not None else None
-    if scratch is None or tensor.nbytes < SCRATCH_MIN_BYTES:
+    if scratch is None or tensor.nbytes < SCRATCH_MIN_BYTES or scratch.holds(tensor):
         return tensor
     return scratch.store(tensor)
 

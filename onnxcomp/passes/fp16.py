@@ -77,7 +77,7 @@ from onnxcomp.passes._base import (
     name_list,
     option,
 )
-from onnxcomp.passes._weights import release, set_weight
+from onnxcomp.passes._weights import release, set_weight, stored
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
@@ -124,6 +124,17 @@ class _Plan:
     kept: dict[ir.Node, str]  # float-touching nodes left in fp32, with why
 
 
+@dataclasses.dataclass(frozen=True)
+class _Weight16:
+    """A float32 weight read once: its largest finite magnitude and, when the plan may convert
+    it, its float16 copy (kept as the graph keeps new weights) and how many nonzero values
+    became 0 in it."""
+
+    peak: float
+    half: ir.TensorProtocol | None
+    flushed: int
+
+
 @dataclasses.dataclass
 class _Stat:
     """One value on the probe data: the largest magnitude and how many entries are NaN/Inf."""
@@ -147,16 +158,18 @@ class Float16Pass(CompressionPass):
         _prepare(model)
         notes: list[str] = []
         blocked: dict[str, str] = {}
+        # Each weight is read once: its range (for the plan) and its float16 copy together.
+        weights = _read_weights(model.graph)
         probed = False
         if self.data is not None and self._options.probe_samples:
             probed = True
-            notes.extend(self._probe(model, blocked))
+            notes.extend(self._probe(model, blocked, weights))
         elif self._options.probe_samples:
             notes.append("no data: activations were not probed for overflow (pass --data); "
                          "a CPU run does not show it (ONNX Runtime's CPU provider computes "
                          "most float16 ops in float32)")  # fmt: skip
-        plan = self._plan(model, blocked)
-        stats = _rewrite(model, plan, keep_io_types=self._options.keep_io_types)
+        plan = self._plan(model, blocked, weights)
+        stats = _rewrite(model, plan, weights, keep_io_types=self._options.keep_io_types)
         inserted = stats.pop("inserted")
         stats["casts_inserted"] = len(inserted)
         stats["activation_probe"] = probed
@@ -170,12 +183,14 @@ class Float16Pass(CompressionPass):
             notes.append("no float32 tensors to convert")
         return CompressionResult(model, modified, stats=stats, notes=notes)
 
-    def _plan(self, model: ir.Model, blocked: dict[str, str]) -> _Plan:
+    def _plan(
+        self, model: ir.Model, blocked: dict[str, str], weights: dict[str, _Weight16]
+    ) -> _Plan:
         options = self._options
         keep = set(options.keep_fp32)
         opsets = dict(model.opset_imports)
         plan = _Plan({}, {}, {})
-        too_big = _out_of_range_constants(model.graph)
+        too_big = _out_of_range_constants(model.graph, weights)
         for node in model.graph:
             if not _touches_float(node):
                 continue
@@ -197,7 +212,9 @@ class Float16Pass(CompressionPass):
                 plan.half_inputs[node], plan.half_outputs[node] = half_in, half_out
         return plan
 
-    def _probe(self, model: ir.Model, blocked: dict[str, str]) -> list[str]:
+    def _probe(
+        self, model: ir.Model, blocked: dict[str, str], weights: dict[str, _Weight16]
+    ) -> list[str]:
         """Fill ``blocked`` from runs on the data: values near fp16's limit in fp32, then ops
         where the converted model has NaN/Inf that fp32 had not. Returns notes."""
         options = self._options
@@ -214,8 +231,8 @@ class Float16Pass(CompressionPass):
                               f"(limit 65504/headroom = {limit:.3g})")  # fmt: skip
         for _ in range(PROBE_ROUNDS):
             trial = model.clone()
-            plan = self._plan(trial, blocked)
-            inserted = _rewrite(trial, plan, keep_io_types=True)["inserted"]
+            plan = self._plan(trial, blocked, weights)
+            inserted = _rewrite(trial, plan, weights, keep_io_types=True)["inserted"]
             kept = {node.name for node in plan.kept if node.name}
             try:
                 got = _value_stats(trial, self.data, options.probe_samples)
@@ -349,18 +366,43 @@ def _constant_array(node: ir.Node) -> np.ndarray | None:
     return None
 
 
-def _out_of_range_constants(graph: ir.Graph) -> dict[ir.Node, str]:
-    """Nodes that read a float32 initializer, or are a Constant, beyond float16's range."""
-    found: dict[ir.Node, str] = {}
+def _read_weights(graph: ir.Graph) -> dict[str, _Weight16]:
+    """Each float32 initializer, by name, read once (the next one from disk while this one
+    is cast): its peak, and the float16 copy of those :func:`_rewrite` may convert. A copy
+    the plan does not use is dropped (a streamed model's scratch file then holds its bytes,
+    which saving leaves out when they are more than a tenth of it)."""
+    found: dict[str, _Weight16] = {}
     for value in read_ahead(graph.initializers.values(), _float_weight):
         tensor = value.const_value
         if tensor is None or tensor.dtype != FLOAT:
             continue
-        peak = _max_abs(tensor.numpy())
+        if _convertible(value):
+            new, flushed, peak = _to_half(tensor)
+            found[value.name or ""] = _Weight16(peak, stored(graph, ir.tensor(new)), flushed)
+            del new
+        else:
+            found[value.name or ""] = _Weight16(_max_abs(tensor.numpy()), None, 0)
         release(tensor)  # a big model's weights are read one at a time, not all kept mapped
-        if peak > FP16_MAX:
+    return found
+
+
+def _convertible(value: ir.Value) -> bool:
+    """A float32 initializer :func:`_rewrite` converts when all its readers compute in fp16."""
+    return not (value.is_graph_input() or value.is_graph_output() or not value.uses())
+
+
+def _out_of_range_constants(
+    graph: ir.Graph, weights: dict[str, _Weight16]
+) -> dict[ir.Node, str]:
+    """Nodes that read a float32 initializer, or are a Constant, beyond float16's range."""
+    found: dict[ir.Node, str] = {}
+    for value in graph.initializers.values():
+        weight = weights.get(value.name or "")
+        if weight is not None and weight.peak > FP16_MAX:
             for use in value.uses():
-                found[use.node] = f"reads '{value.name}', beyond float16's range ({peak:.3g})"
+                found[use.node] = (
+                    f"reads '{value.name}', beyond float16's range ({weight.peak:.3g})"
+                )
     for node in graph:
         array = _constant_array(node)
         if array is not None and array.dtype == np.float32 and _max_abs(array) > FP16_MAX:
@@ -396,8 +438,9 @@ def _slice_max_abs(flat: np.ndarray, start: int, stop: int) -> float:
     return peak
 
 
-def _to_half(tensor: ir.TensorProtocol) -> tuple[np.ndarray, int]:
-    """``tensor`` in float16, and how many nonzero values became zero (the source array is a
+def _to_half(tensor: ir.TensorProtocol) -> tuple[np.ndarray, int, float]:
+    """``tensor`` in float16, how many nonzero values became zero, and the largest finite
+    magnitude of the source (:func:`_max_abs`), from one read of it (the source array is a
     local here, so the caller can release the tensor after).
 
     float32 is cast by ONNX Runtime's Cast, on threads, straight into the result (numpy's cast
@@ -407,20 +450,21 @@ def _to_half(tensor: ir.TensorProtocol) -> tuple[np.ndarray, int]:
     array = tensor.numpy()
     if array.dtype != np.float32 or array.size < _SESSION_MIN_SIZE:
         new = array.astype(np.float16)
-        return new, int(np.count_nonzero((new == 0) & (array != 0)))
+        return new, int(np.count_nonzero((new == 0) & (array != 0))), _max_abs(array)
     flat = np.ascontiguousarray(array).reshape(-1)
     new = np.empty(array.shape, np.float16)
     session = _cast_session()  # made here, once: not by two threads at once
-    flushed = chunks.map_slices(
+    slices = chunks.map_slices(
         functools.partial(_slice_to_half, session, flat, new.reshape(-1)), flat.size
     )
-    return new, sum(flushed)
+    return new, sum(f for f, _ in slices), max((peak for _, peak in slices), default=0.0)
 
 
 def _slice_to_half(
     session: ort.InferenceSession, source: np.ndarray, target: np.ndarray, start: int, stop: int
-) -> int:
-    """Cast ``source[start:stop]`` into ``target``; how many nonzero values became zero."""
+) -> tuple[int, float]:
+    """Cast ``source[start:stop]`` into ``target``; how many nonzero values became zero, and
+    the slice's largest finite magnitude."""
     binding = session.io_binding()
     binding.bind_input("x", "cpu", 0, np.float32, [stop - start], source[start:].ctypes.data)
     binding.bind_output("y", "cpu", 0, np.float16, [stop - start], target[start:].ctypes.data)
@@ -428,7 +472,9 @@ def _slice_to_half(
     bits = source.view(np.uint32)
     buffer = np.empty(chunks.PIECE, np.uint32)
     flushed = 0
+    peak = 0.0
     for begin, end in chunks.pieces(start, stop):
+        peak = max(peak, _slice_max_abs(source, begin, end))  # the piece is in the cache
         magnitude = buffer[: end - begin]
         np.bitwise_and(bits[begin:end], 0x7FFFFFFF, out=magnitude)
         if magnitude.max() > _INF_BITS:  # a NaN
@@ -437,7 +483,7 @@ def _slice_to_half(
         magnitude -= np.uint32(1)  # 0 < |x| <= 2**-25 is now < 2**-25; zero wraps to the top
         if magnitude.min() < _HALF_ZERO_BITS:
             flushed += int(np.count_nonzero(magnitude < _HALF_ZERO_BITS))
-    return flushed
+    return flushed, peak
 
 
 @functools.cache
@@ -452,8 +498,11 @@ def _cast_session() -> ort.InferenceSession:
     return runtime.make_session(ir.Model(graph, ir_version=10), threads=1)
 
 
-def _rewrite(model: ir.Model, plan: _Plan, *, keep_io_types: bool) -> dict:
-    """Apply ``plan`` to ``model``: retype values, convert tensors, insert Casts. Stats."""
+def _rewrite(
+    model: ir.Model, plan: _Plan, weights: dict[str, _Weight16], *, keep_io_types: bool
+) -> dict:
+    """Apply ``plan`` to ``model``: retype values, give weights their float16 copies from
+    ``weights`` (:func:`_read_weights`), insert Casts. Stats."""
     graph = model.graph
     half: set[ir.Value] = set()
     for node, slots in plan.half_outputs.items():
@@ -461,16 +510,17 @@ def _rewrite(model: ir.Model, plan: _Plan, *, keep_io_types: bool) -> dict:
     if not keep_io_types:
         half.update(v for v in graph.inputs if v.dtype == FLOAT and not v.is_initializer())
     bytes_before = bytes_after = converted = flushed = 0
-    for value in read_ahead(graph.initializers.values(), _float_weight):
+    for value in graph.initializers.values():
         tensor = value.const_value
-        if (tensor is None or tensor.dtype != FLOAT or value.is_graph_input()
-                or value.is_graph_output() or not value.uses()):  # fmt: skip
+        if tensor is None or tensor.dtype != FLOAT or not _convertible(value):
             continue
         if all(use.idx in plan.half_inputs.get(use.node, ()) for use in value.uses()):
-            new, tiny = _to_half(tensor)
-            flushed += tiny
-            set_weight(value, ir.tensor(new))  # releases the float32 source
-            bytes_before, bytes_after = bytes_before + tensor.nbytes, bytes_after + new.nbytes
+            weight = weights[value.name or ""]
+            assert weight.half is not None
+            flushed += weight.flushed
+            set_weight(value, weight.half)  # releases the float32 source
+            bytes_before += tensor.nbytes
+            bytes_after += weight.half.nbytes
             converted += 1
             half.add(value)
     for node in plan.half_outputs:

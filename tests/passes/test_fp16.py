@@ -385,20 +385,21 @@ def test_weight_cast_and_flush_count_equal_numpys(name, monkeypatch):
     monkeypatch.setattr(chunks, "SLICE", 448)
     monkeypatch.setattr(fp16, "_SESSION_MIN_SIZE", 0)  # ONNX Runtime's cast, however small
     array = _half_cases()[name]
-    new, flushed = fp16._to_half(ir.tensor(array))
+    new, flushed, peak = fp16._to_half(ir.tensor(array))
     want, want_flushed = _reference_half(array)
     assert new.shape == array.shape and new.dtype == np.float16
     assert new.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
     assert flushed == want_flushed
-    assert fp16._max_abs(array) == _reference_max_abs(array)
+    assert fp16._max_abs(array) == peak == _reference_max_abs(array)
 
 
 def test_weight_cast_of_every_4099th_float32_equals_numpys():
     array = np.arange(0, 1 << 32, 4099, dtype=np.uint64).astype(np.uint32).view(np.float32)
-    new, flushed = fp16._to_half(ir.tensor(array))
+    new, flushed, peak = fp16._to_half(ir.tensor(array))
     want, want_flushed = _reference_half(array)
     assert new.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
     assert flushed == want_flushed > 0
+    assert peak == _reference_max_abs(array)
 
 
 def test_max_abs_skips_nonfinite_values_wherever_they_are(monkeypatch):
@@ -437,6 +438,33 @@ def test_cast_slices_on_threads_run_on_the_session_their_binding_came_from(monke
     monkeypatch.setattr(fp16, "_cast_session", fresh_each_time)
     monkeypatch.setattr(chunks, "SLICE", 1 << 12)  # 16 slices on threads
     array = np.random.default_rng(2).standard_normal(1 << 16).astype(np.float32)
-    new, _ = fp16._to_half(ir.tensor(array))
+    new, _, _ = fp16._to_half(ir.tensor(array))
     assert new.tobytes() == array.astype(np.float16).tobytes()
     assert len(sessions) == 1
+
+
+def test_each_weight_is_read_once_and_a_copy_the_plan_leaves_is_dropped(monkeypatch):
+    rng = np.random.default_rng(7)
+    w1, w2 = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(2))
+    w3 = np.full((8, 8), 1e5, np.float32)  # beyond float16: its MatMul stays fp32
+    model = _make(
+        [helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+         helper.make_node("MatMul", ["a", "w2"], ["b"], name="mm2"),
+         helper.make_node("MatMul", ["b", "w3"], ["y"], name="mm3")],
+        [("x", TensorProto.FLOAT, [2, 8])], [("y", TensorProto.FLOAT, [2, 8])],
+        {"w1": w1, "w2": w2, "w3": w3},
+    )  # fmt: skip
+    monkeypatch.setattr(fp16, "_SESSION_MIN_SIZE", 0)  # the cast that finds the peak as it goes
+    reads: list[int] = []
+    real_to_half, real_max_abs = fp16._to_half, fp16._max_abs
+    monkeypatch.setattr(fp16, "_to_half", lambda t: (reads.append(t.size), real_to_half(t))[1])
+    monkeypatch.setattr(fp16, "_max_abs", lambda a: (reads.append(a.size), real_max_abs(a))[1])
+    converted, result = _convert(model, exclude=("mm2",))
+    assert reads == [64, 64, 64]  # one read of each weight: range and float16 copy together
+    inits = {t.name: t for t in converted.graph.initializer}
+    assert inits["w1"].data_type == TensorProto.FLOAT16
+    # mm2 excluded and mm3 out of range: their weights stay as they were, copies unused.
+    assert numpy_helper.to_array(inits["w2"]).tobytes() == w2.tobytes()
+    assert numpy_helper.to_array(inits["w3"]).tobytes() == w3.tobytes()
+    assert result.stats["tensors_converted"] == 1
+    assert any("beyond float16's range" in note for note in result.notes)
