@@ -252,9 +252,11 @@ def _binned_rows(rows: np.ndarray, largest: float) -> np.ndarray:
     high = np.where(first == 0, FINITE_BITS, (top_key - first + 1) << shift)
     unit = np.ldexp(1.0, (np.maximum(low >> 23, 1) - 150).astype(np.int32))  # ulp at low
     exact = total[last, every] * (1 + margin) < unit * EXACT_UNITS
-    whole = ~maybe[first, every] | (last == bins) | ~exact
-    low[whole], high[whole] = 0, 0
-    taken = np.where(whole, 0, kept[last, every] - kept_above[first, every] + 1).astype(np.int64)
+    taken = (kept[last, every] - kept_above[first, every] + 1).astype(np.int64)
+    # rows with many to sort (ties, few distinct values) are sorted as they are: a table
+    # as wide as them all would cost more
+    whole = ~maybe[first, every] | (last == bins) | ~exact | (taken > size // 8)
+    low[whole], high[whole], taken[whole] = 0, 0, 0
     thresholds = np.empty(count)
     if not whole.all():
         thresholds[~whole] = _sort_bins(
