@@ -305,16 +305,26 @@ def _bins(rows: np.ndarray, shift: np.ndarray, top_key: np.ndarray, bins: int) -
     binned = np.zeros((2, bins + 1, count))
     bits = rows.view(np.int32)  # non-negative floats order like their bit patterns
     shift32 = shift.astype(np.int32)[:, None]
-    for index in _chunks(*rows.shape):
+    chunks = _chunks(*rows.shape)
+    # buffers reused chunk after chunk: fresh pages are slow to fault in, and bincount
+    # copies its arguments unless they are intp and float64 already
+    largest = max(bits[index].size for index in chunks)
+    keys_buffer = np.empty(largest, dtype=np.int32)
+    flat_buffer = np.empty(largest, dtype=np.intp)
+    weights_buffer = np.empty(largest)
+    for index in chunks:
         part = bits[index]
         width = part.shape[0]
         first = np.arange(width) * (bins + 1)  # bin j of row i is counted at first[i] + j
-        keys = np.right_shift(part, shift32[index[0]])
+        keys = keys_buffer[: part.size].reshape(part.shape)
+        np.right_shift(part, shift32[index[0]], out=keys)
         np.subtract((top_key[index[0]] + first).astype(np.int32)[:, None], keys, out=keys)
         np.minimum(keys, (first + bins).astype(np.int32)[:, None], out=keys)
+        flat = flat_buffer[: part.size]
+        np.copyto(flat, keys.reshape(-1))
+        weights = weights_buffer[: part.size]
+        np.copyto(weights.reshape(part.shape), rows[index])
         length = (bins + 1) * width
-        flat = keys.reshape(-1).astype(np.intp)
-        weights = rows[index].reshape(-1)
         for i, counted in enumerate((None, weights)):
             found = np.bincount(flat, counted, minlength=length)
             binned[i, :, index[0]] += found.reshape(width, bins + 1).T
@@ -336,9 +346,13 @@ def _sort_bins(
     bits = rows.view(np.int32)
     low32, high32 = low.astype(np.int32)[:, None], high.astype(np.int32)[:, None]
     chosen = []
-    for index in _chunks(count, size):
-        inside = bits[index] >= low32[index[0]]
-        inside &= bits[index] < high32[index[0]]
+    chunks = _chunks(count, size)
+    buffer = np.empty(max(bits[index].size for index in chunks), dtype=np.bool_)
+    for index in chunks:
+        part = bits[index]
+        inside = buffer[: part.size].reshape(part.shape)
+        np.greater_equal(part, low32[index[0]], out=inside)
+        inside &= part < high32[index[0]]
         chosen.append(np.compress(inside.reshape(-1), rows[index].reshape(-1)))
     width = max(int(taken.max()), 1)
     every = np.arange(count)
@@ -384,10 +398,11 @@ def _optimal_thresholds(w: np.ndarray, axis: int | None, block_size: int) -> np.
         # channel on a 4096x8192 weight); binned channels more, as each call costs ~0.2 ms
         size = before * after
         step = max(64, (BINNED_CALL if size >= BINNED_MIN else linear.PIECE_ELEMENTS) // size)
+        buffer = np.empty((min(step, along), before, after), dtype=kind)
         for start in range(0, along, step):
             part = w3[:, start : start + step]
             width = part.shape[1]
-            rows = np.empty((width, before, after), dtype=kind)
+            rows = buffer[:width]
             for sub in range(0, width, 64):
                 gathered = part[:, sub : sub + 64]
                 gathered = np.abs(gathered) if after == 1 else gathered
