@@ -230,14 +230,13 @@ def _binned_rows(rows: np.ndarray, largest: float) -> np.ndarray:
     floor = np.maximum(total[-1] / size * (1 - 2 * (size + bins) * ROUNDING), top * spread)
     floor *= reach * (1 - 16 * ROUNDING)
     below = edge[-1] < floor  # every lumped magnitude is below the best k's smallest
-    bound = counts * edge  # kept counts at least the largest: never 0
+    bound = counts * edge
     bound += above
     np.square(bound, out=bound)
-    bound /= kept
+    bound /= kept  # at least 1: the largest is in the first bin
     one = np.add(above, edge, out=edge)
     np.square(one, out=one)
-    kept_above += 1
-    one /= kept_above
+    one /= kept_above + 1
     np.maximum(bound, one, out=bound)
     bound *= 1 + margin
     bound[counts == 0] = -np.inf
@@ -252,15 +251,15 @@ def _binned_rows(rows: np.ndarray, largest: float) -> np.ndarray:
     high = np.where(first == 0, FINITE_BITS, (top_key - first + 1) << shift)
     unit = np.ldexp(1.0, (np.maximum(low >> 23, 1) - 150).astype(np.int32))  # ulp at low
     exact = total[last, every] * (1 + margin) < unit * EXACT_UNITS
-    taken = (kept[last, every] - kept_above[first, every] + 1).astype(np.int64)
+    taken = (kept[last, every] - kept_above[first, every]).astype(np.int64)
     # rows with many to sort (ties, few distinct values) are sorted as they are: a table
     # as wide as them all would cost more
-    whole = ~maybe[first, every] | (last == bins) | ~exact | (taken > size // 8)
+    whole = ~maybe[first, every] | (last == bins) | ~exact | (taken > max(size // 8, 256))
     low[whole], high[whole], taken[whole] = 0, 0, 0
     thresholds = np.empty(count)
     if not whole.all():
         thresholds[~whole] = _sort_bins(
-            rows, low, high, taken, kept_above[first, every] - 1, above[first, every]
+            rows, low, high, taken, kept_above[first, every], above[first, every]
         )[~whole]
     if whole.any():
         thresholds[whole] = _sorted_rows(rows[whole], largest)
