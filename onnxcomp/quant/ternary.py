@@ -19,8 +19,8 @@ are added in: :func:`_group_sums` adds them exactly as ``np.nanmean`` over
 :func:`~onnxcomp.quant.linear.reduce_groups`' layout does (pairwise along contiguous groups,
 one row after another along strided ones), so the results are bit for bit those of the
 plain formulation (tests/quant/test_identity.py keeps it as the reference). Long groups find
-their best ``k`` without the full sort (:func:`_binned_rows`: ~3x faster on 4096-8192 long
-channels), with the sort's thresholds to the bit (tests/quant/test_identity.py).
+their best ``k`` without the full sort (:func:`_binned_rows`: 2-3x faster on channels of
+4096-8192), with the sort's thresholds to the bit (tests/quant/test_identity.py).
 """
 
 from __future__ import annotations
