@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from onnxcomp import quant
-from onnxcomp.quant import linear
+from onnxcomp.quant import linear, ternary
 
 RNG = np.random.default_rng(7)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -107,9 +107,7 @@ def _ternary_reference(w, axis, block, rule):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         alpha = _reduce(kept, axis, block, np.nanmean)
-    with np.errstate(invalid="ignore"):  # NaN weights: sign NaN, cast as the old code did
-        codes = (np.sign(w64) * keep).astype(np.int8)
-    return codes, np.nan_to_num(alpha, nan=0.0)
+    return np.where(keep, np.sign(w64), 0).astype(np.int8), np.nan_to_num(alpha, nan=0.0)
 
 
 def _weights(kind: str, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -129,7 +127,7 @@ def _weights(kind: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         w.reshape(-1)[::7] = np.nan
         w.reshape(-1)[::11] = np.inf
         w.reshape(-1)[::13] = -np.inf
-    with np.errstate(over="ignore"):  # "wide" in float16: the largest become inf, on purpose
+    with np.errstate(over="ignore"):  # wide magnitudes overflow float16 to inf
         return w.astype(dtype)
 
 
@@ -227,3 +225,107 @@ def test_packing_matches_the_byte_by_byte_formulation(bits, count):
     np.testing.assert_array_equal(quant.pack(values, bits), np.asarray(reference, np.uint8))
     strided = np.repeat(values, 2)[::2]  # not contiguous
     np.testing.assert_array_equal(quant.pack(strided, bits), quant.pack(values, bits))
+
+
+def _long_groups(kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Weights whose groups are long enough to be thresholded from bins (ternary's
+    ``_binned_rows``): smooth, heavy-tailed, sparse and discrete distributions, exact ties
+    between the f(k) the threshold maximises, and the extremes of float32."""
+    normal = RNG.standard_normal(shape)
+    if kind == "normal":
+        return normal.astype(np.float32)
+    if kind == "uniform":
+        return RNG.uniform(-1, 1, shape).astype(np.float32)
+    if kind == "student2":
+        return RNG.standard_t(2, shape).astype(np.float32)
+    if kind == "cauchy":
+        return RNG.standard_cauchy(shape).astype(np.float32)
+    if kind == "lognormal":  # magnitudes over ~30 octaves: float64 sums that round
+        return (normal * RNG.lognormal(0, 4, shape)).astype(np.float32)
+    if kind == "mostly_zero":
+        return np.where(RNG.random(shape) < 0.95, 0, normal).astype(np.float32)
+    if kind == "few_values":  # every bin one value, many ties
+        return (RNG.integers(-3, 4, shape) * 0.25).astype(np.float32)
+    if kind == "constant":
+        return np.full(shape, -0.3, np.float32)
+    if kind == "outliers":  # a few per group 100x the rest
+        return (normal * np.where(RNG.random(shape) < 1e-3, 100, 1)).astype(np.float32)
+    if kind == "tied_f":  # f(1) = 3^2 = f(4) = 6^2 / 4 exactly: the first k wins
+        w = np.zeros(shape, np.float32)
+        flat = w.reshape(-1, shape[-1])
+        scale = 2.0 ** RNG.integers(-20, 20, len(flat))
+        flat[:, 0], flat[:, 1:4] = 3 * scale, -scale[:, None]
+        return w
+    if kind == "denormal":
+        return (normal * 1e-40).astype(np.float32)
+    if kind == "huge":  # float32 sums overflow
+        return (normal * 1e37).astype(np.float32)
+    if kind == "nonfinite":
+        w = normal.astype(np.float32)
+        w.reshape(-1)[::97] = np.nan
+        w.reshape(-1)[::89] = np.inf
+        w.reshape(-1)[::83] = -np.inf
+        return w
+    raise AssertionError(kind)
+
+
+LONG_KINDS = ["normal", "uniform", "student2", "cauchy", "lognormal", "mostly_zero", "few_values",
+              "constant", "outliers", "tied_f", "denormal", "huge", "nonfinite"]  # fmt: skip
+
+
+def _reference_thresholds(w: np.ndarray, axis: int | None, block: int) -> np.ndarray:
+    largest = float(ml_dtypes.finfo(w.dtype).max)
+    optimal = functools.partial(_optimal, largest=largest)
+    return _reduce(w, axis, block, optimal, np.float32 if w.dtype == BF16 else w.dtype)
+
+
+@pytest.mark.parametrize("kind", LONG_KINDS)
+def test_binned_thresholds_of_long_groups_are_the_sorted_ones(kind):
+    # channels of 4096 along either axis, one group of 64K, blocks of 2048 (a partial one)
+    for shape, axis, block in [((24, 4096), 0, 0), ((4096, 12), 1, 0), ((16, 4096), None, 0),
+                               ((3, 5000), 1, 2048)]:  # fmt: skip
+        w = _long_groups(kind, shape)
+        reference = _reference_thresholds(w, axis, block)
+        thresholds = ternary._optimal_thresholds(w, axis, block).reshape(reference.shape)
+        np.testing.assert_array_equal(thresholds.view(np.int64), reference.view(np.int64))
+        ours = quant.ternarize(w, axis=axis, block_size=block)
+        _same(ours, _ternary_reference(w, axis, block, "optimal"))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("kind", ["normal", "few_values", "outliers", "nonfinite"])
+def test_binned_thresholds_of_narrow_floats_are_the_sorted_ones(dtype, kind):
+    w = _long_groups(kind, (8, 2048)).astype(dtype)
+    for axis in (0, None):
+        ours = quant.ternarize(w, axis=axis)
+        _same(ours, _ternary_reference(w, axis, 0, "optimal"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["normal", "wide", "ties", "zeros", "denormal", "nonfinite"])
+def test_binned_thresholds_on_every_layout(monkeypatch, dtype, kind):
+    # every group binned, in pieces of a few rows or of part of one: the small layouts above
+    monkeypatch.setattr(ternary, "BINNED_MIN", 1)
+    monkeypatch.setattr(ternary, "BIN_ELEMENTS", 50)
+    for shape, axis, block in CASES:
+        w = _weights(kind, shape, dtype)
+        ours = quant.ternarize(w, axis=axis, block_size=block)
+        _same(ours, _ternary_reference(w, axis, block, "optimal"))
+
+
+def test_groups_whose_sums_may_round_are_sorted_whole(monkeypatch):
+    # the bins' float64 sums stand for the sort's only where they are exact (below 2^53
+    # units of the smallest magnitude summed); with 2^32 in its place, the dense channels
+    # (sums of ~2^34 units) are sorted whole, the sparse ones (~2^30) binned, in one call
+    monkeypatch.setattr(ternary, "EXACT_UNITS", 2.0**32)
+    whole = []
+    sort = ternary._sorted_rows
+    monkeypatch.setattr(
+        ternary,
+        "_sorted_rows",
+        lambda rows, largest: whole.append(len(rows)) or sort(rows, largest),
+    )
+    w = np.concatenate([_long_groups("normal", (8, 2048)), _long_groups("mostly_zero", (8, 2048))])
+    reference = _reference_thresholds(w, 0, 0)
+    np.testing.assert_array_equal(ternary._optimal_thresholds(w, 0, 0), reference)
+    assert sum(whole) == 8

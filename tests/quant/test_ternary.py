@@ -48,6 +48,16 @@ def test_least_squares_rule_finds_the_best_threshold_by_brute_force():
     assert _error(row, codes, alpha)[0] == pytest.approx(best, rel=1e-5)
 
 
+def test_least_squares_rule_finds_the_best_threshold_of_long_channels():
+    # channels of 4096 are searched from bins of their magnitudes, not sorted whole
+    w = np.random.default_rng(1).standard_t(3, (4, 4096)).astype(np.float32)
+    codes, alpha = quant.ternarize(w, axis=0)
+    magnitudes = np.sort(np.abs(w.astype(np.float64)), axis=1)[:, ::-1]
+    kept = np.arange(1, w.shape[1] + 1)
+    best = (w.astype(np.float64) ** 2).sum(axis=1) - np.max(magnitudes.cumsum(1) ** 2 / kept, 1)
+    np.testing.assert_allclose(_error(w, codes, alpha), best, rtol=1e-9)
+
+
 def test_blocked_ternary_has_one_scale_per_block():
     codes, alpha = quant.ternarize(W, axis=1, block_size=64)
     assert alpha.shape == (16, 4) and set(np.unique(codes)) <= {-1, 0, 1}
