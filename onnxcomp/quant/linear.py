@@ -9,6 +9,7 @@ scale dtype (rounded up when cast, so the bound holds for the stored scale).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import ml_dtypes
@@ -204,14 +205,21 @@ def _block_extremes(view: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     low = np.empty((before, blocks, after), dtype=view.dtype)
     high = np.empty((before, blocks, after), dtype=view.dtype)
     rows = max(1, PIECE_ELEMENTS // (blocks * block * after))
-    buffer = np.empty(min(before, rows) * blocks * block * after, dtype=view.dtype)
-    for index in pieces((before, blocks), max(1, PIECE_ELEMENTS // (block * after))):
-        part = view[index]
-        moved = np.moveaxis(part, -2, 0)
-        first = buffer[: part.size].reshape(moved.shape)
-        np.copyto(first, moved)
-        np.min(first, axis=0, out=low[index])
-        np.max(first, axis=0, out=high[index])
+    size = min(before, rows) * blocks * block * after
+    indices = list(pieces((before, blocks), max(1, PIECE_ELEMENTS // (block * after))))
+    per_thread = -(-len(indices) // min(os.cpu_count() or 1, chunks.MAX_THREADS))
+
+    def reduce(first: int) -> None:  # a run of pieces, with a buffer of its own
+        buffer = np.empty(size, dtype=view.dtype)
+        for index in indices[first : first + per_thread]:
+            part = view[index]
+            moved = np.moveaxis(part, -2, 0)
+            rows_first = buffer[: part.size].reshape(moved.shape)
+            np.copyto(rows_first, moved)
+            np.min(rows_first, axis=0, out=low[index])
+            np.max(rows_first, axis=0, out=high[index])
+
+    chunks.parallel_map(reduce, range(0, len(indices), per_thread))
     return low, high
 
 
