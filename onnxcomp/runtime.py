@@ -100,6 +100,15 @@ def _shared_weights(model: ir.Model) -> tuple[list[str], list[ort.OrtValue]] | N
     return names, values
 
 
+def _in_memory(tensor: ir.ExternalTensor) -> ir.TensorProtocol:
+    """``tensor``'s bytes read into memory; sub-byte codes stay packed (unpacking INT4 to
+    numpy and packing it again cost more than the session)."""
+    if tensor.dtype.bitwidth < 8:
+        packed = np.frombuffer(tensor.tobytes(), dtype=np.uint8)
+        return ir.PackedTensor(packed, tensor.dtype, shape=tensor.shape, name=tensor.name)
+    return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+
+
 def _inline_proto(model: ir.Model, shared: set[str]) -> bytes:
     """``model`` serialised with every weight inline except the main graph's ``shared`` ones
     (left as external references, which ONNX Runtime takes from the session options)."""
@@ -111,7 +120,7 @@ def _inline_proto(model: ir.Model, shared: set[str]) -> bytes:
                 graph is model.graph and value.name in shared
             ):
                 swapped[value] = tensor
-                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+                value.const_value = _in_memory(tensor)
     try:
         return ir.to_proto(model).SerializeToString()
     finally:
