@@ -266,7 +266,8 @@ class WeightQuantizePass(CompressionPass):
 
         def quantize_one(weight: Weight, stats: _InputStats | None) -> None:
             nonlocal before, after
-            if not _finite(weight):  # masks: -inf has no linear code
+            # masks: -inf has no linear code (gptq/awq left such weights out already)
+            if options.method == "rtn" and not _finite(weight):
                 skipped.append(Skipped(weight.name, NONFINITE))
                 return
             quantized.append(weight.name)
