@@ -209,12 +209,12 @@ class ScratchData:
     def adopt_into(self, model: ir.Model, onnx_path: Path, data_name: str) -> Path | None:
         """Write ``model`` as ``onnx_path`` with the scratch file itself, moved beside it as
         ``data_name``, as its external data (the model's other weights appended), so saving
-        copies none of the new weights. Returns where the file was (the caller links it
-        there once the output is in place, or moves it back), or None, having written
-        nothing, when a copy is the better choice: the model reads less than
-        :data:`ADOPT_MIN_LIVE` of the file (weights a later pass replaced), or the output is
-        on another file system. The model's tensors are left as they were (the caller points
-        them at the output once it is in place: :func:`_read_from`)."""
+        copies none of the new weights. Returns where the file was (the caller moves it back
+        there if the output cannot be put in place), or None, having written nothing, when a
+        copy is the better choice: the model reads less than :data:`ADOPT_MIN_LIVE` of the
+        file (weights a later pass replaced), or the output is on another file system. The
+        model's tensors are left as they were (the caller points them at the output once it
+        is in place: :func:`_read_from`)."""
         self.flush()
         initializers = [
             v for graph in model.graphs() for v in graph.initializers.values()
