@@ -363,11 +363,18 @@ def read_ahead(items: Iterable[T], tensor: Callable[[T], ir.TensorProtocol | Non
             yield item
 
 
+# Bytes a prefetch maps at once: pages it touched count in the process's resident memory
+# while mapped, so it maps a window at a time, not the tensor.
+_WINDOW = 16 << 20
+
+
 def _touch_pages(path: str | os.PathLike, offset: int, length: int) -> None:
     with contextlib.suppress(OSError, ValueError):  # gone or shorter: the reader will say so
-        pages = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(length,))
-        pages[::_PAGE].max()  # numpy releases the GIL while it faults the pages in
-        del pages
+        for start in range(offset, offset + length, _WINDOW):
+            size = min(_WINDOW, offset + length - start)
+            pages = np.memmap(path, dtype=np.uint8, mode="r", offset=start, shape=(size,))
+            pages[::_PAGE].max()  # numpy releases the GIL while it faults the pages in
+            del pages
 
 
 def release(tensor: ir.TensorProtocol | None) -> None:
