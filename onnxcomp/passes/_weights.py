@@ -258,6 +258,11 @@ def _view(node: ir.Node, array: np.ndarray) -> np.ndarray | None:
 SCRATCH_MIN_BYTES = 1 << 20
 
 
+def weight_tensor(weight: Weight) -> ir.TensorProtocol | None:
+    """``weight``'s tensor as the graph holds it (what :func:`onnxcomp.io.read_ahead` reads)."""
+    return weight.value.const_value
+
+
 def all_finite(array: np.ndarray) -> bool:
     """Whether ``array`` holds no NaN or inf: min and max propagate NaN and meet any inf, so
     two reductions per cache-sized piece (:mod:`onnxcomp.chunks`) decide it without a boolean

@@ -54,6 +54,7 @@ from onnxcomp.passes._weights import (
     lifted_note,
     release,
     set_weight,
+    weight_tensor,
 )
 
 if TYPE_CHECKING:
@@ -309,7 +310,7 @@ def _write_pruned(
     pending: deque[tuple[Future[int], Future[int]]] = deque()
     with ThreadPoolExecutor(_ZIP_THREADS) as deflating:
         # The next weight is read from disk while this one is pruned.
-        for weight in read_ahead(weights, lambda w: w.value.const_value):
+        for weight in read_ahead(weights, weight_tensor):
             pruned, new_zeros, before = prune(weight)
             size = weight.size
             per_tensor[weight.name] = round(new_zeros / max(size, 1), 4)

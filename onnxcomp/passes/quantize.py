@@ -88,6 +88,7 @@ from onnxcomp.passes._weights import (
     lift_constant_weights,
     lifted_note,
     release,
+    weight_tensor,
 )
 
 # The scale carries the weight's dtype (DequantizeLinear's output dtype is the scale's).
@@ -315,7 +316,7 @@ class WeightQuantizePass(CompressionPass):
         pending = [w for w in weights if w.name not in done]
         # The next weight is read from disk while this one is coded (a model in external data
         # that is not in the page cache yet).
-        for weight in read_ahead(pending, _tensor_of):
+        for weight in read_ahead(pending, weight_tensor):
             quantize_one(weight, None)
         if weights:
             common_passes.TopologicalSortPass()(model)
@@ -760,10 +761,6 @@ class _InputStats:
 
 
 NONFINITE = "holds inf or NaN"
-
-
-def _tensor_of(weight: Weight) -> ir.TensorProtocol | None:
-    return weight.value.const_value
 
 
 def _drop_nonfinite(weights: list[Weight], skipped: list[Skipped]) -> list[Weight]:
