@@ -13,7 +13,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import onnx_ir as ir
+from onnxcomp._deferred import defer_sympy
+
+defer_sympy()  # before onnx_ir imports it: a fifth of start-up, for arithmetic on dims
+
+import onnx_ir as ir  # noqa: E402
 
 from onnxcomp.data import Dataset, load_data
 from onnxcomp.errors import OnnxcompError, UsageError

@@ -7,6 +7,7 @@ pass changed with what the runtime changed.
 
 from __future__ import annotations
 
+import io
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -104,7 +105,9 @@ def _in_memory(tensor: ir.ExternalTensor) -> ir.TensorProtocol:
     """``tensor``'s bytes read into memory; sub-byte codes stay packed (unpacking INT4 to
     numpy and packing it again cost more than the session)."""
     if tensor.dtype.bitwidth < 8:
-        packed = np.frombuffer(tensor.tobytes(), dtype=np.uint8)
+        stored = io.BytesIO()
+        tensor.tofile(stored)  # the bytes as stored: tobytes() would unpack them first
+        packed = np.frombuffer(stored.getbuffer(), dtype=np.uint8)
         return ir.PackedTensor(packed, tensor.dtype, shape=tensor.shape, name=tensor.name)
     return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
 
