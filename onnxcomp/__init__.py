@@ -13,11 +13,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from onnxcomp._deferred import defer_sympy
+# isort: off
+import onnxcomp._deferred  # noqa: F401  first: it keeps onnx_ir from importing sympy at once
+import onnx_ir as ir
 
-defer_sympy()  # before onnx_ir imports it: a fifth of start-up, for arithmetic on dims
-
-import onnx_ir as ir  # noqa: E402
+# isort: on
 
 from onnxcomp.data import Dataset, load_data
 from onnxcomp.errors import OnnxcompError, UsageError

@@ -2,7 +2,8 @@
 
 onnx_ir imports sympy (and its ``_symbolic_shapes``, which reads sympy at import) for the
 arithmetic of symbolic dims, which onnxcomp never does: ~0.25 s, a fifth of every command's
-start-up. :func:`defer_sympy` puts stand-ins for both in ``sys.modules`` before onnx_ir is
+start-up. Importing this module (onnxcomp's ``__init__`` does so first) calls
+:func:`defer_sympy`, which puts stand-ins for both in ``sys.modules`` before onnx_ir is
 imported. The first attribute read from a stand-in, or the first import of a submodule
 (``import sympy.core``: :class:`_SubmoduleFinder`), imports the real module and copies its
 namespace into the stand-in, so code that bound the stand-in (``import sympy``) sees the
@@ -119,3 +120,6 @@ def defer_sympy() -> bool:
     _stand_in("sympy", sympy)
     _stand_in("onnx_ir._symbolic_shapes", shapes)
     return True
+
+
+defer_sympy()

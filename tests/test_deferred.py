@@ -22,7 +22,8 @@ def _python(code: str) -> str:
 
 
 def _tiny_model(path: Path) -> None:
-    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    weight = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    w = numpy_helper.from_array(weight, "w")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
@@ -70,9 +71,9 @@ def test_a_submodule_imported_first_loads_the_package_once() -> None:
         import sympy
         assert sys.modules["sympy.polys.rings"] is rings is sympy.polys.rings
         assert sympy.polys.rings.ring is rings.ring
-        print(sum(name == "sympy.polys" for name in sys.modules), type(sys.modules["sympy"]).__name__)
+        print(type(sys.modules["sympy"]).__name__)
     """)
-    assert out == "1 module"
+    assert out == "module"
 
 
 def test_nothing_is_deferred_once_sympy_is_imported() -> None:
