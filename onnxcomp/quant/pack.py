@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from onnxcomp import chunks
+
 PIECE_WORDS = 1 << 16  # words packed at once: the temporaries stay in cache
 
 
@@ -15,32 +17,41 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
     if bits not in (2, 4):
         raise ValueError(f"only 2- and 4-bit values are packed, not {bits}")
     per_byte = 8 // bits
-    flat = np.asarray(values).reshape(-1)
+    source = np.asarray(values).reshape(-1)
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    if flat.size and (flat.min() < low or flat.max() > high):
-        raise ValueError(f"values outside the {bits}-bit range [{low}, {high}]")
-    flat = np.ascontiguousarray(flat, dtype=np.int8)
+    if source.dtype != np.int8 and source.size and (source.min() < low or source.max() > high):
+        raise ValueError(f"values outside the {bits}-bit range [{low}, {high}]")  # before int8
+    flat = np.ascontiguousarray(source, dtype=np.int8)
     # Little-endian words of per_byte codes: one shifted, masked OR per code position folds a
-    # word into its low byte, a cache-sized piece at a time (no temporaries wider than it).
+    # word into its low byte, a cache-sized piece at a time (no temporaries wider than it),
+    # slices of the words on threads.
     codes = flat.view(np.uint8)
-    whole = flat.size - flat.size % per_byte
+    whole = flat.size - flat.size % per_byte if sys.byteorder == "little" else 0
     packed = np.empty(-(-flat.size // per_byte), dtype=np.uint8)
-    if whole and sys.byteorder == "little":
-        word = np.uint16 if bits == 4 else np.uint32
-        words = codes[:whole].view(word)
-        mask = word(2**bits - 1)
-        step = PIECE_WORDS
-        for start in range(0, words.size, step):
-            part = words[start : start + step]
+    word = np.uint16 if bits == 4 else np.uint32
+    words = codes[:whole].view(word)
+    mask = word(2**bits - 1)
+
+    def pack_slice(start: int, stop: int) -> tuple[int, int]:
+        """Pack words [start, stop); the smallest and largest of their codes."""
+        span = flat[start * per_byte : stop * per_byte]
+        for begin, end in chunks.pieces(start, stop, PIECE_WORDS):
+            part = words[begin:end]
             folded = part & mask
             for i in range(1, per_byte):
                 shifted = part >> word(8 * i - bits * i)
                 shifted &= word((2**bits - 1) << (bits * i))
                 folded |= shifted
-            packed[start : start + part.size] = folded  # the low byte
-    else:
-        whole = 0
-    rest = codes[whole:] & np.uint8(2**bits - 1)
+            packed[begin:end] = folded  # the low byte
+        return (int(span.min()), int(span.max())) if span.size else (low, high)
+
+    extremes = chunks.map_slices(pack_slice, words.size)
+    rest = flat[whole:]
+    if rest.size:
+        extremes.append((int(rest.min()), int(rest.max())))
+    if any(smallest < low or largest > high for smallest, largest in extremes):
+        raise ValueError(f"values outside the {bits}-bit range [{low}, {high}]")
+    rest = rest.view(np.uint8) & np.uint8(2**bits - 1)
     rest = np.pad(rest, (0, -rest.size % per_byte)).reshape(-1, per_byte)
     tail = rest[:, 0].copy()
     for i in range(1, per_byte):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -9,7 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxcomp import quant
+from onnxcomp import chunks, quant
+
+# the module (onnxcomp.quant's ``pack`` is its function)
+pack_module = importlib.import_module("onnxcomp.quant.pack")
 
 ML_DTYPES = {4: ml_dtypes.int4, 2: ml_dtypes.int2}
 ONNX_TYPES = {4: TensorProto.INT4, 2: TensorProto.INT2}
@@ -44,6 +49,24 @@ def test_values_outside_the_range_are_refused():
         quant.pack(np.array([8]), 4)
     with pytest.raises(ValueError, match="range"):
         quant.pack(np.array([-3]), 2)
+    with pytest.raises(ValueError, match="range"):
+        quant.pack(np.array([256]), 4)  # 0 once cast to int8: checked before the cast
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_slices_on_threads_pack_and_check_every_code(bits, monkeypatch):
+    # Words go to threads in slices (and pieces within): small ones here, so a few thousand
+    # codes cross several of each, and the last byte is partly used.
+    monkeypatch.setattr(chunks, "SLICE", 96)
+    monkeypatch.setattr(pack_module, "PIECE_WORDS", 40)
+    codes = _codes(bits, (4099,))
+    reference = numpy_helper.from_array(codes.astype(ML_DTYPES[bits])).raw_data
+    assert quant.pack(codes, bits).tobytes() == reference
+    for where in (0, 1500, 4098):  # the first slice, a middle one, the tail
+        bad = codes.copy()
+        bad[where] = 2 ** (bits - 1)
+        with pytest.raises(ValueError, match="range"):
+            quant.pack(bad, bits)
 
 
 @pytest.mark.parametrize(
