@@ -267,26 +267,34 @@ class WeightQuantizePass(CompressionPass):
 
         def quantize_one(weight: Weight, stats: _InputStats | None) -> None:
             nonlocal before, after
-            # masks: -inf has no linear code (gptq/awq left such weights out already)
-            if options.method == "rtn" and not _finite(weight):
+            # masks: -inf has no code (gptq/awq left such weights out already). Linear codes
+            # see inf/NaN in their scales' extremes as they go; binary/ternary look first.
+            if options.method == "rtn" and options.scheme != "linear" and not _finite(weight):
                 skipped.append(Skipped(weight.name, NONFINITE))
                 return
-            quantized.append(weight.name)
             layout = self._layout(weight)
             fmt, why = self._format(weight, layout)
-            if why:
-                fallbacks[why].append(weight.name)
             if fmt == "matmulnbits" and not layout.block_size and "Gather" not in weight.op_types:
                 layout = _Layout(0, NBITS_BLOCK, "MatMulNBits needs blocks: blocks of 128")
+            nbytes_before = weight.nbytes
+            source = weight.value.const_value
+            try:
+                nbytes, gain = self._quantize(model, weight, layout, fmt, stats)
+            except quant.NonFiniteWeight:
+                skipped.append(Skipped(weight.name, NONFINITE))
+                nbytes = None
+            release(source)  # after the except block: its traceback held views of the weight
+            if nbytes is None:
+                return
+            quantized.append(weight.name)
+            if why:
+                fallbacks[why].append(weight.name)
             layouts[layout.kind] += 1
             formats[fmt] += 1
             if layout.fallback:
                 fallbacks[layout.fallback].append(weight.name)
-            before += weight.nbytes
-            source = weight.value.const_value
-            nbytes, gain = self._quantize(model, weight, layout, fmt, stats)
+            before += nbytes_before
             after += nbytes
-            release(source)
             if gain is not None:
                 gains.append(gain)
 
@@ -639,7 +647,7 @@ class WeightQuantizePass(CompressionPass):
             def rtn(part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
                 scale, zero_point = quant.linear_params(
                     part, options.bits, axis=axis, block_size=block, symmetric=symmetric,
-                    dtype=array.dtype,
+                    dtype=array.dtype, finite=True,
                 )  # fmt: skip
                 codes = quant.quantize(
                     part, scale, zero_point, options.bits, axis=axis, block_size=block

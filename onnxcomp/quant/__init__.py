@@ -25,6 +25,7 @@ from onnxcomp.quant.gptq import (
 )
 from onnxcomp.quant.linear import (
     FLOAT32_EXACT,
+    NonFiniteWeight,
     by_groups,
     dequantize,
     expand,
@@ -43,6 +44,7 @@ __all__ = [
     "CLIP_RATIOS",
     "FLOAT32_EXACT",
     "Hessian",
+    "NonFiniteWeight",
     "act_order_permutation",
     "activation_scale",
     "awq_scale",

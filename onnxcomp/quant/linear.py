@@ -223,6 +223,10 @@ def _block_extremes(view: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return low, high
 
 
+class NonFiniteWeight(ValueError):
+    """A weight holding inf or NaN, which has no linear codes."""
+
+
 def linear_params(
     w: np.ndarray,
     bits: int,
@@ -232,10 +236,13 @@ def linear_params(
     symmetric: bool = True,
     dtype: np.dtype | type = np.float32,
     limit: int | None = None,
+    finite: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Scale (in ``dtype``) and zero point (int8, or None when symmetric) for ``w``.
     ``limit`` caps the code magnitude of symmetric codes below the narrow range (63: 7-bit
-    weights, for integer kernels that overflow 16 bits with full 8-bit ones)."""
+    weights, for integer kernels that overflow 16 bits with full 8-bit ones). ``finite``:
+    raise :class:`NonFiniteWeight` for a float ``w`` holding inf or NaN (seen in the groups'
+    extremes: no pass over ``w`` of its own) instead of coding around them."""
     qmin, qmax = qrange(bits, symmetric)
     if limit is not None:
         if not symmetric or not 0 < limit <= qmax:
@@ -244,6 +251,9 @@ def linear_params(
     w = np.asarray(w)
     floating = w.dtype.kind == "f" or w.dtype in FLOAT32_EXACT
     extremes = group_extremes(w, axis, block_size) if floating else None
+    nonfinite = extremes is None or not all(np.isfinite(e).all() for e in extremes)
+    if finite and floating and nonfinite:
+        raise NonFiniteWeight("the weight holds inf or NaN")
     if symmetric:
         if extremes is None:
             amax = reduce_groups(

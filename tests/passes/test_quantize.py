@@ -603,17 +603,31 @@ def test_ternary_keeps_batchnorms_for_distillation_to_fine_tune():
     assert "BatchNormalization" not in _ops(quantized)
 
 
-def test_a_weight_holding_inf_stays_float_and_is_said_so() -> None:
+@pytest.mark.parametrize(
+    ("value", "options"),
+    [
+        (-np.inf, {}),  # a mask value: no linear code for it
+        (np.nan, {}),
+        (np.inf, {"bits": 4, "block_size": 16}),
+        (np.nan, {"bits": 4, "per_channel": True}),
+        (np.nan, {"bits": 8, "symmetric": False}),
+        (np.nan, {"bits": 2, "scheme": "binary"}),
+        (-np.inf, {"bits": 2, "scheme": "ternary"}),
+    ],
+)
+def test_a_weight_holding_inf_or_nan_stays_float_and_is_said_so(value, options) -> None:
     model = _linear_model()
     w1 = numpy_helper.to_array(_initializers(model)["w1"]).copy()
-    w1[3, 5] = -np.inf  # a mask value: no linear code for it
+    w1[3, 5] = value
     model.graph.initializer.remove(_initializers(model)["w1"])
     model.graph.initializer.append(numpy_helper.from_array(w1, "w1"))
-    proto, result = _quantize(model)
+    proto, result = _quantize(model, **options)
     assert result.stats["weights_quantized"] == 1 and result.stats["weights_skipped"] == 1
     assert any("holds inf or NaN" in note and "w1" in note for note in result.notes)
     assert _initializers(proto)["w1"].data_type == TensorProto.FLOAT
-    assert _weight_dq(proto, "fc").op_type == "DequantizeLinear"
+    np.testing.assert_array_equal(numpy_helper.to_array(_initializers(proto)["w1"]), w1)
+    if not options:
+        assert _weight_dq(proto, "fc").op_type == "DequantizeLinear"
 
 
 def test_weights_in_external_data_are_read_ahead_one_at_a_time(

@@ -122,3 +122,22 @@ def test_store_scale_bumps_only_what_rounded_down_as_before(dtype) -> None:
         assert np.atleast_1d(ours).tobytes() == np.atleast_1d(plain).tobytes()
         finite = np.isfinite(np.asarray(scale, np.float64)) & (np.asarray(scale) > 0)
         assert np.all(ours.astype(np.float64)[finite] >= np.asarray(scale, np.float64)[finite])
+
+
+@pytest.mark.parametrize(("axis", "block_size"), [(None, 0), (1, 0), (0, 0), (0, 16), (1, 4)])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_linear_params_refuses_inf_and_nan_when_asked(axis, block_size, value, dtype):
+    w = np.random.default_rng(3).standard_normal((40, 24)).astype(dtype)
+    for symmetric in (True, False):
+        expected = quant.linear_params(w, 8, axis=axis, block_size=block_size,
+                                       symmetric=symmetric)  # fmt: skip
+        got = quant.linear_params(w, 8, axis=axis, block_size=block_size,
+                                  symmetric=symmetric, finite=True)  # fmt: skip
+        for a, b in zip(expected, got, strict=True):  # finite: the same parameters
+            np.testing.assert_array_equal(a, b)
+        bad = w.copy()
+        bad[37, 21] = value  # in a partial last block along either axis
+        with pytest.raises(quant.NonFiniteWeight):
+            quant.linear_params(bad, 8, axis=axis, block_size=block_size,
+                                symmetric=symmetric, finite=True)  # fmt: skip
