@@ -156,8 +156,9 @@ def group_extremes(
         if view.ndim == 4 and view.shape[3] < SHORT_RUN:
             low, high = _block_extremes(view)
         else:
-            low = np.min(view, axis=reduce_axes, keepdims=view.ndim == 3 and block_size > 0)
-            high = np.max(view, axis=reduce_axes, keepdims=view.ndim == 3 and block_size > 0)
+            low, high = _extremes(view, reduce_axes)
+            if not (view.ndim == 3 and block_size > 0):  # a partial last block keeps its axis
+                low, high = low.squeeze(reduce_axes), high.squeeze(reduce_axes)
         lows.append(low)
         highs.append(high)
     low = np.concatenate(lows, axis=1) if len(lows) > 1 else lows[0]
@@ -167,6 +168,51 @@ def group_extremes(
     if np.isnan(low).any() or np.isnan(high).any():
         return None
     return low, high
+
+
+def _extremes(view: np.ndarray, reduce_axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``np.min`` and ``np.max`` of ``view`` over ``reduce_axes`` (kept as length-1 axes), both
+    taken from each cache-sized piece in turn (the view is read from memory once, not once
+    per reduction), slices of it on a thread per core. Pieces run along the first axis of
+    more than one index; min and max are exact in any order, NaN propagates, so the results
+    are those of whole-array reductions (up to the sign of a zero extreme)."""
+    split = 0 if view.shape[0] > 1 or view.ndim == 1 else 1
+    count = view.shape[split]
+    per_index = view.size // count if count else 0
+    if count < 2 or view.size <= PIECE_ELEMENTS:
+        return np.min(view, reduce_axes, keepdims=True), np.max(view, reduce_axes, keepdims=True)
+    across = split in reduce_axes  # pieces then reduce to the same groups: combined after
+    step = max(1, PIECE_ELEMENTS // per_index)
+    lead = (slice(None),) * split
+
+    def reduce(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        lows, highs = [], []
+        for begin, end in chunks.pieces(start, stop, step):
+            piece = view[(*lead, slice(begin, end))]
+            low = np.min(piece, reduce_axes, keepdims=True)
+            high = np.max(piece, reduce_axes, keepdims=True)
+            if across and lows:
+                np.minimum(lows[0], low, out=lows[0])
+                np.maximum(highs[0], high, out=highs[0])
+            else:
+                lows.append(low)
+                highs.append(high)
+        return _joined(lows, split, across, np.minimum), _joined(highs, split, across, np.maximum)
+
+    with np.errstate(invalid="ignore"):  # NaN: propagated, as whole reductions do
+        parts = chunks.map_slices(reduce, count, max(step, chunks.SLICE // per_index))
+        return (
+            _joined([low for low, _ in parts], split, across, np.minimum),
+            _joined([high for _, high in parts], split, across, np.maximum),
+        )
+
+
+def _joined(parts: list[np.ndarray], axis: int, across: bool, combine: np.ufunc) -> np.ndarray:
+    """Partial extremes of consecutive pieces: combined (pieces of the same groups) or
+    concatenated along ``axis`` (pieces of different groups)."""
+    if len(parts) == 1:
+        return parts[0]
+    return combine.reduce(parts) if across else np.concatenate(parts, axis=axis)
 
 
 def expand(

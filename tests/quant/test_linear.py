@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from onnxcomp import quant
+from onnxcomp import chunks, quant
 from onnxcomp.quant import linear
 
 RNG = np.random.default_rng(0)
@@ -141,3 +141,37 @@ def test_linear_params_refuses_inf_and_nan_when_asked(axis, block_size, value, d
         with pytest.raises(quant.NonFiniteWeight):
             quant.linear_params(bad, 8, axis=axis, block_size=block_size,
                                 symmetric=symmetric, finite=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "shape", [(300, 70), (70, 300), (1, 900), (900, 1), (7, 5, 30), (1000,), (64, 3, 3, 2)]
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_group_extremes_in_pieces_on_threads_are_the_whole_reductions(shape, dtype, monkeypatch):
+    # Small pieces and slices, so that these shapes cross many of each (along rows, or along
+    # channels when there is one row), against NaN-ignoring reductions of the whole groups.
+    monkeypatch.setattr(linear, "PIECE_ELEMENTS", 64)
+    monkeypatch.setattr(chunks, "SLICE", 256)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(shape).astype(dtype)
+    layouts = [(None, 0)] + [(a, b) for a in range(len(shape)) for b in (0, 4) if shape[a] >= 4]
+    for axis, block in layouts:
+        for kind in ("plain", "nan", "inf", "zeros"):
+            x = w.copy()
+            flat = x.reshape(-1)
+            if kind == "nan":
+                flat[flat.size // 3] = np.nan
+            elif kind == "inf":
+                flat[-1], flat[0] = -np.inf, np.inf
+            elif kind == "zeros":
+                flat[::2] = 0.0
+            got = linear.group_extremes(x, axis, block)
+            if kind == "nan":
+                assert got is None
+                continue
+            expected = [quant.reduce_groups(x, axis, block, reducer, exact=True)
+                        for reducer in (np.nanmin, np.nanmax)]  # fmt: skip
+            assert got is not None
+            for a, b in zip(got, expected, strict=True):
+                assert a.shape == b.shape
+                np.testing.assert_array_equal(a, b)
