@@ -12,6 +12,8 @@ on random inputs, before and after, compared the same way.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
@@ -170,6 +172,10 @@ class LayerSample:
 
     A layer the result no longer computes from the same inputs (a pass renamed or fused it)
     drops out of the comparison and is listed in ``missing``.
+
+    The input model's layers run on a background thread (``background=True``, the
+    pipeline's choice): the first pass starts at once, and ``outputs`` waits for them. Only
+    ONNX Runtime works on that thread; the layers are cut out of the model before.
     """
 
     def __init__(
@@ -180,6 +186,7 @@ class LayerSample:
         count: int = SAMPLE_LAYERS,
         max_weight_bytes: int = SAMPLE_MAX_WEIGHT_BYTES,
         seed: int = 0,
+        background: bool = False,
     ):
         self.level = level
         self.labels = None
@@ -197,8 +204,26 @@ class LayerSample:
                 f"no layer (a {'/'.join(LAYER_WEIGHT_INPUT)} with a weight of at most "
                 f"{max_weight_bytes / 2**20:.0f} MiB) to run alone for the sampled check"
             )
-        self.outputs = self.run(model)
+        runs = self._sessions(model, spin=not background)
+        if background:
+            worker = ThreadPoolExecutor(1, thread_name_prefix="onnxcomp-sample")
+            self._pending: Future | None = worker.submit(_run_layers, runs)
+            worker.shutdown(wait=False)  # its thread ends with this one task
+        else:
+            self._outputs = _run_layers(runs)
+            self._pending = None
         self.accuracy = None
+
+    @property
+    def outputs(self) -> list[list[np.ndarray]]:
+        """The input model's sampled outputs (waits for the background run)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                self._outputs = pending.result()
+            except OnnxcompError as e:
+                raise OnnxcompError(f"{e}; --check none skips the check") from None
+        return self._outputs
 
     @property
     def description(self) -> str:
@@ -210,23 +235,27 @@ class LayerSample:
     def run(self, model: ir.Model) -> list[list[np.ndarray]]:
         """Each sampled layer's output as ``model`` computes it (None where it cannot be cut
         out of ``model``), as one batch."""
-        results: list = []
+        return _run_layers(self._sessions(model))
+
+    def _sessions(self, model: ir.Model, spin: bool = True) -> list[tuple[Callable, dict] | None]:
+        """Per sampled layer, a session factory (:func:`runtime.session_factory`) and its
+        feeds, or None where the layer cannot be cut out of ``model``."""
+        runs: list[tuple[Callable, dict] | None] = []
         for (output, feeds), name in zip(self.layers, self.names, strict=True):
             sub = _layer_model(model, output, feeds)
             if sub is None:
                 if name not in self.missing:
                     self.missing.append(name)
-                results.append(None)
+                runs.append(None)
                 continue
             typed = {
                 v.name: feeds[v.name].astype(v.dtype.numpy() if v.dtype else np.float32)
                 for v in sub.graph.inputs
             }
             # Run once: repacking each weight for speed would only cost a copy of it.
-            session = runtime.make_session(sub, level=self.level, prepack=False)
-            results.extend(runtime.run_batches(session, [typed])[0])
-            del session
-        return [results]
+            factory = runtime.session_factory(sub, level=self.level, prepack=False, spin=spin)
+            runs.append((factory, typed))
+        return runs
 
     def compare(
         self, outputs: list[list[np.ndarray]], baseline: list[list[np.ndarray]] | None = None
@@ -241,6 +270,21 @@ class LayerSample:
 
     def accuracy_of(self, outputs: list[list[np.ndarray]]) -> float | None:
         return None
+
+
+def _run_layers(runs: list[tuple[Callable, dict] | None]) -> list[list[np.ndarray | None]]:
+    """Each layer's session built and run (one at a time: one layer's weights held at once),
+    the outputs as one batch; None for a layer without a session."""
+    results: list[np.ndarray | None] = []
+    for run in runs:
+        if run is None:
+            results.append(None)
+            continue
+        factory, feeds = run
+        session = factory()
+        results.extend(runtime.run_batches(session, [feeds])[0])
+        del session
+    return [results]
 
 
 def _sample_layers(graph: ir.Graph, count: int, max_bytes: int) -> list[ir.Node]:

@@ -222,7 +222,8 @@ def run_pipeline(
     description = "none (--check none)"
     if check != "none" and streaming:
         try:
-            reference = LayerSample(model, level=level)
+            # The input's layers run while the first pass does (its weights are read anyway).
+            reference = LayerSample(model, level=level, background=True)
         except OnnxcompError as e:
             raise OnnxcompError(f"{e}; --check none skips the check") from None
         description = (
@@ -251,7 +252,9 @@ def run_pipeline(
     records = []
     # Outputs of the model as it was before the current pass, when known: a lossless pass is
     # held to them, not to the input model's (a lossy pass before it moved those).
-    before_pass = reference.outputs if reference is not None else None
+    # The reference's own outputs (``_REFERENCE``) are read when first compared: a sampled
+    # check's may still be computed in the background meanwhile.
+    before_pass: Any = _REFERENCE if reference is not None else None
     for index, (label, compression_pass) in enumerate(steps):
         is_last = index == len(steps) - 1
         if reference is not None and compression_pass.lossless and before_pass is None:
@@ -266,9 +269,11 @@ def run_pipeline(
         diffs = accuracy = outputs = None
         wanted = check == "each" or is_last
         if reference is not None and (wanted or compression_pass.lossless):
+            _ = reference.outputs  # first: an input that fails to run is reported as such
             outputs = _run_outputs(label, reference, model)
             if compression_pass.lossless:
-                for diff in reference.compare(outputs, before_pass):
+                baseline = reference.outputs if before_pass is _REFERENCE else before_pass
+                for diff in reference.compare(outputs, baseline):
                     if not diff.within(tolerance):
                         raise PassFailedError(
                             label,
@@ -387,6 +392,9 @@ def _worst_step(report: PipelineReport, metric: str) -> tuple[str | None, str]:
         return names[0], f"it fell most in pass '{names[0]}' ({figures})"
     span = f"'{names[0]}' .. '{names[-1]}'"
     return names[-1], f"it fell most across passes {span} ({figures}; --check each names one)"
+
+
+_REFERENCE = object()  # before the first pass: the outputs are the reference's own
 
 
 def _run_one(label: str, compression_pass: CompressionPass, model: ir.Model) -> CompressionResult:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,24 @@ def make_session(
     Runtime's repacking of MatMul weights: a session run once or twice (a sampled check) then
     does not copy each weight again.
     """
+    return session_factory(
+        model, providers=providers, level=level, threads=threads, prepack=prepack
+    )()
+
+
+def session_factory(
+    model: ir.Model,
+    *,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    level: str = "basic",
+    threads: int | None = None,
+    prepack: bool = True,
+    spin: bool = True,
+) -> Callable[[], ort.InferenceSession]:
+    """:func:`make_session` in two steps: everything that reads ``model`` now, on the caller's
+    thread (onnx_ir objects are not thread-safe), and the returned function, which only calls
+    ONNX Runtime and may run on another thread while the model changes. ``spin=False``: idle
+    worker threads sleep instead of spinning (a session that runs beside other work)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
     options.log_severity_level = LOG_SEVERITY
@@ -57,26 +75,49 @@ def make_session(
         options.inter_op_num_threads = 1
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         shared = _shared_weights(model)
         if shared is not None:
             names, values = shared
             if names:
                 options.add_external_initializers(names, values)
-            session = ort.InferenceSession(
-                _inline_proto(model, set(names)), options, providers=list(providers)
-            )
-            session._onnxcomp_weights = values  # ONNX Runtime reads them; they must outlive it
-            return session
-        with tempfile.TemporaryDirectory(prefix="onnxcomp-ort-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            ir.save(model, path, external_data="model.onnx.data")
-            return ort.InferenceSession(str(path), options, providers=list(providers))
+            source = _inline_proto(model, set(names))
+
+            def build() -> ort.InferenceSession:
+                session = _created(source, options, providers)
+                session._onnxcomp_weights = values  # ONNX Runtime reads them: they outlive it
+                return session
+
+            return build
+        folder = tempfile.TemporaryDirectory(prefix="onnxcomp-ort-")
+        path = Path(folder.name) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data")
     except OnnxcompError:
         raise
     except Exception as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OnnxcompError(f"ONNX Runtime cannot load the model: {message[:400]}") from None
+        raise _rejected(e) from None
+
+    def build_from_file() -> ort.InferenceSession:
+        with folder:
+            return _created(str(path), options, providers)
+
+    return build_from_file
+
+
+def _created(
+    source: bytes | str, options: ort.SessionOptions, providers: Sequence[str]
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(source, options, providers=list(providers))
+    except Exception as e:
+        raise _rejected(e) from None
+
+
+def _rejected(e: Exception) -> OnnxcompError:
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return OnnxcompError(f"ONNX Runtime cannot load the model: {message[:400]}")
 
 
 def _shared_weights(model: ir.Model) -> tuple[list[str], list[ort.OrtValue]] | None:

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -31,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnxcomp
 from onnxcomp import instrument, io
 from onnxcomp.cli import main
-from onnxcomp.errors import PassFailedError, UsageError
+from onnxcomp.errors import OnnxcompError, PassFailedError, UsageError
 from onnxcomp.io import SCRATCH_KEY, SCRATCH_PREFIX, ScratchData
 from onnxcomp.masks import nm
 from onnxcomp.passes import _weights
@@ -192,6 +193,51 @@ def test_sampled_check_matches_each_layer_run_in_onnx_runtime(big_path: Path) ->
         if name in expected:
             np.testing.assert_allclose(sample.outputs[0][index], expected[name], rtol=1e-4,
                                        atol=1e-4)  # fmt: skip
+
+
+def test_sampled_reference_runs_beside_the_first_pass(
+    big_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = onnxcomp.load(big_path)
+    foreground = instrument.LayerSample(model).outputs
+    background = instrument.LayerSample(model, background=True).outputs
+    for a, b in zip(foreground[0], background[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    # In the pipeline, the input's layers are built and run on the sample's thread (the pass
+    # meanwhile on this one), the result's here after the pass.
+    built: list[str] = []
+    make = instrument.runtime.session_factory
+
+    def recording(*args, **kwargs):
+        factory = make(*args, **kwargs)
+
+        def build():
+            built.append(threading.current_thread().name)
+            return factory()
+
+        return build
+
+    monkeypatch.setattr(instrument.runtime, "session_factory", recording)
+    _, report = onnxcomp.optimize(big_path, "int8", bound=LOSS_ALLOWED, stream_above=STREAM_ABOVE)
+    layers = len(report.final_check)
+    assert layers >= 3
+    on_sample_thread = [name.startswith("onnxcomp-sample") for name in built]
+    assert on_sample_thread == [True] * layers + [False] * layers
+    assert min(d.cosine for d in report.final_check) > 0.999
+
+
+def test_a_sampled_reference_that_fails_in_the_background_is_one_line(
+    big_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(*args, **kwargs):
+        def build():
+            raise OnnxcompError("ONNX Runtime cannot load the model: no kernel for this")
+
+        return build
+
+    monkeypatch.setattr(instrument.runtime, "session_factory", failing)
+    with pytest.raises(OnnxcompError, match="no kernel for this; --check none skips the check"):
+        onnxcomp.optimize(big_path, "int8", bound=LOSS_ALLOWED, stream_above=STREAM_ABOVE)
 
 
 class _ScaleOneWeight(CompressionPass):
