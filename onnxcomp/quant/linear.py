@@ -343,9 +343,14 @@ def quantize(
     if limit is not None and zero_point is None:
         qmin, qmax = -limit, limit
     w = np.asarray(w)
-    scale64 = np.asarray(scale, dtype=np.float64)
-    scale32 = scale64.astype(np.float32)
-    if w.dtype in FLOAT32_EXACT and np.array_equal(scale32, scale64):
+    scale = np.asarray(scale)
+    scale64 = scale.astype(np.float64)
+    if scale.dtype in FLOAT32_EXACT:  # float32 already (float16, bfloat16: exactly)
+        exact, scale32 = True, scale.astype(np.float32)
+    else:
+        scale32 = scale64.astype(np.float32)
+        exact = np.array_equal(scale32, scale64)
+    if w.dtype in FLOAT32_EXACT and exact:
         codes = np.empty(w.shape, dtype=np.int8)
         zero32 = None if zero_point is None else np.asarray(zero_point, dtype=np.float32)
         scales = _views(codes, scale32, axis, block_size)
