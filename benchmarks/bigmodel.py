@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"built {model} in {time.perf_counter() - started:.0f} s")
     input_bytes = sum(f.stat().st_size for f in files_of(model))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # As installed, with bytecode cached (pip writes it; a checkout on its first import): a
+    # shell that sets PYTHONDONTWRITEBYTECODE would compile onnxcomp anew in every run.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     read_command = [sys.executable, "-c", READ_ONCE, *map(str, files_of(model))]
     cold = not args.no_cold and drop_page_cache()
     modes = ["warm", "cold"] if cold else ["warm"]
