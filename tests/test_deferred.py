@@ -71,6 +71,8 @@ def test_a_submodule_imported_first_loads_the_package_once() -> None:
         import sympy
         assert sys.modules["sympy.polys.rings"] is rings is sympy.polys.rings
         assert sympy.polys.rings.ring is rings.ring
+        spec = sys.modules["sympy.polys"].__spec__  # its own again, not the stand-in's
+        assert spec.name == "sympy.polys" and type(spec.loader).__name__ == "SourceFileLoader"
         print(type(sys.modules["sympy"]).__name__)
     """)
     assert out == "module"
