@@ -44,6 +44,8 @@ from onnxcomp.quant.linear import (
 )
 
 TernaryRule = Literal["optimal", "twn"]
+# per group: the optimal threshold, the sum of the magnitudes above it, how many
+Found = tuple[np.ndarray, np.ndarray, np.ndarray]
 TWN_FACTOR = 0.7
 
 
@@ -77,10 +79,17 @@ def ternarize(
         if np.isnan(total).any():
             return _ternarize_plain(w, axis, block_size, rule)
         delta = TWN_FACTOR * (total / count)
+        codes = _ternary_codes(w, delta, axis, block_size)
+        total, count = _group_sums(w, axis, block_size, delta)
     else:
-        delta = _optimal_thresholds(w, axis, block_size)
-    codes = _ternary_codes(w, delta, axis, block_size)
-    total, count = _group_sums(w, axis, block_size, delta)
+        delta, total, count = _optimal_thresholds(w, axis, block_size)
+        shape = param_shape(w.shape, axis, block_size)
+        total, count = total.reshape(shape), count.reshape(shape)
+        codes = _ternary_codes(w, delta, axis, block_size)
+        unknown = np.isnan(total)
+        if unknown.any():  # sums the search could not vouch for (see _kept_sums)
+            redone = _group_sums(w, axis, block_size, delta)
+            total[unknown], count[unknown] = redone[0][unknown], redone[1][unknown]
     with np.errstate(invalid="ignore", divide="ignore"):  # all-zero group: nothing kept
         alpha = total / count
     return codes, np.nan_to_num(alpha, nan=0.0)
@@ -127,10 +136,11 @@ def _optimal_threshold(groups: np.ndarray, axis: int = -1) -> np.ndarray:
     return (last_kept + first_dropped) / 2
 
 
-def _sorted_rows(rows: np.ndarray, largest: float) -> np.ndarray:
+def _sorted_rows(rows: np.ndarray, largest: float) -> Found:
     """:func:`_optimal_threshold` of groups that are the rows of a contiguous array of
     magnitudes (sorted in place): the same sort, cumulative sum and argmax. ``largest``: the
-    weight dtype's largest value, which inf becomes (rows may be wider than the weight)."""
+    weight dtype's largest value, which inf becomes (rows may be wider than the weight).
+    With :func:`_kept_sums`' sums and counts."""
     rows.sort(axis=-1)
     # NaN sorts last, inf just before: nan_to_num makes them 0 and float max, as the plain
     # formulation does before sorting
@@ -150,7 +160,25 @@ def _sorted_rows(rows: np.ndarray, largest: float) -> np.ndarray:
     last_kept = rows[everyone, size - 1 - best].astype(np.float64)
     dropped = np.minimum(best + 1, size - 1)
     first_dropped = np.where(best + 1 < size, rows[everyone, size - 1 - dropped], 0)
-    return (last_kept + first_dropped.astype(np.float64)) / 2
+    thresholds = (last_kept + first_dropped.astype(np.float64)) / 2
+    total, kept = _kept_sums(rows, thresholds)
+    total[odd] = np.nan  # inf counts as the dtype's largest here, as inf in alpha's sum
+    return thresholds, total, kept
+
+
+def _kept_sums(rows: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ascending magnitudes, the float64 sum of those above the row's threshold and
+    how many, NaN where the sum may round: alpha's sum (:func:`_group_sums`) adds the same
+    magnitudes in another order, which gives the same result when both are exact (sums of
+    multiples of the smallest one's ulp below 2^53 of them, as in :func:`_binned_rows`)."""
+    count, size = rows.shape
+    above = rows > thresholds[:, None]
+    kept = np.add.reduce(above, axis=1, dtype=np.intp)
+    total = np.add.reduce(np.where(above, rows, 0), axis=1, dtype=np.float64)
+    smallest = rows[np.arange(count), np.minimum(size - kept, size - 1)].astype(np.float32)
+    unit = np.ldexp(1.0, np.maximum(smallest.view(np.int32) >> 23, 1) - 150)
+    total[total * (1 + 4 * (size + 1) * ROUNDING) >= unit * EXACT_UNITS] = np.nan
+    return total, kept.astype(np.float64)
 
 
 # Bins per group in :func:`_binned_rows`: the finest split of float32 bit patterns (8 to 15
@@ -169,7 +197,7 @@ EXACT_UNITS = 2.0**53  # float64 sums of multiples of u below this many u are ex
 FINITE_BITS = 0x7F800001  # above every finite float32's bit pattern
 
 
-def _binned_rows(rows: np.ndarray, largest: float) -> np.ndarray:
+def _binned_rows(rows: np.ndarray, largest: float) -> Found:
     """:func:`_sorted_rows` of contiguous float32 ``rows`` (modified in place), sorting
     only the few magnitudes near each row's threshold.
 
@@ -256,17 +284,17 @@ def _binned_rows(rows: np.ndarray, largest: float) -> np.ndarray:
     # as wide as them all would cost more
     whole = ~maybe[first, every] | (last == bins) | ~exact | (taken > max(size // 8, 256))
     low[whole], high[whole], taken[whole] = 0, 0, 0
-    thresholds = np.empty(count)
+    found = np.empty((3, count))  # thresholds, sums above them, how many
     if not whole.all():
-        thresholds[~whole] = _sort_bins(
-            rows, low, high, taken, kept_above[first, every], above[first, every]
-        )[~whole]
+        settled = _sort_bins(rows, low, high, taken, kept_above[first, every], above[first, every])
+        found[:, ~whole] = np.asarray(settled)[:, ~whole]
     if whole.any():
-        thresholds[whole] = _sorted_rows(rows[whole], largest)
-    return thresholds
+        found[:, whole] = _sorted_rows(rows[whole], largest)
+    found[1, odd] = np.nan  # inf became the dtype's largest
+    return found[0], found[1], found[2]
 
 
-def _row_thresholds(rows: np.ndarray, largest: float) -> np.ndarray:
+def _row_thresholds(rows: np.ndarray, largest: float) -> Found:
     """:func:`_sorted_rows`, binned first where the rows are long float32 ones."""
     if rows.dtype == np.float32 and rows.shape[1] >= BINNED_MIN:
         return _binned_rows(rows, largest)
@@ -337,10 +365,11 @@ def _sort_bins(
     taken: np.ndarray,
     kept_above: np.ndarray,
     above: np.ndarray,
-) -> np.ndarray:
+) -> Found:
     """Per row, the threshold when the best k has its k-th largest magnitude among the
     ``taken`` ones with bit patterns in ``[low, high)``, of which ``kept_above`` magnitudes
-    summing to ``above`` (exactly) are larger: those are sorted, the rest are not."""
+    summing to ``above`` (exactly) are larger: those are sorted, the rest are not. With the
+    (exact) sum of the magnitudes above the threshold and how many."""
     count, size = rows.shape
     bits = rows.view(np.int32)
     low32, high32 = low.astype(np.int32)[:, None], high.astype(np.int32)[:, None]
@@ -361,9 +390,9 @@ def _sort_bins(
     table.reshape(-1)[np.arange(flat.size) + np.repeat(every * width - starts, taken)] = flat
     table.sort(axis=1)
     largest_first = table[:, ::-1].astype(np.float64)
-    f = np.cumsum(largest_first, axis=1)
-    f += above[:, None]  # exact: sums of multiples of ulp(low) below 2^53 ulp(low)
-    np.square(f, out=f)
+    sums = np.cumsum(largest_first, axis=1)
+    sums += above[:, None]  # exact: sums of multiples of ulp(low) below 2^53 ulp(low)
+    f = np.square(sums)
     np.divide(f, kept_above[:, None] + np.arange(1, width + 1), out=f)
     f[np.arange(width) >= taken[:, None]] = -np.inf
     best = np.argmax(f, axis=1)
@@ -376,22 +405,30 @@ def _sort_bins(
         part = rows[chosen_rows, index[1]]
         below = np.where(part.view(np.int32) < low32[chosen_rows], part, np.float32(0))
         first_dropped[chosen_rows] = np.maximum(first_dropped[chosen_rows], below.max(axis=1))
-    return (last_kept + first_dropped) / 2
+    thresholds = (last_kept + first_dropped) / 2
+    # kept: all above the sorted ones and the sorted ones above the threshold (the best k
+    # of them, fewer where the k-th ties with the next); none below (all at most
+    # first_dropped); their sum is exact too, as every kept magnitude is at least low
+    inside = np.add.reduce(largest_first > thresholds[:, None], axis=1, dtype=np.intp)
+    total = np.where(inside > 0, sums[every, np.maximum(inside - 1, 0)], above)
+    return thresholds, total, (kept_above + inside).astype(np.float64)
 
 
-def _optimal_thresholds(w: np.ndarray, axis: int | None, block_size: int) -> np.ndarray:
+def _optimal_thresholds(w: np.ndarray, axis: int | None, block_size: int) -> Found:
     """``reduce_groups(w, ..., _optimal_threshold, exact=True)``, a few groups at a time: the
-    threshold of a group depends on its magnitudes only, not on their order."""
+    threshold of a group depends on its magnitudes only, not on their order. With, in the
+    same shape, the float64 sum of the magnitudes above each threshold (NaN where it could
+    differ from :func:`_group_sums`') and how many."""
     kind = np.float32 if w.dtype in FLOAT32_EXACT else w.dtype  # float16 too: the same values
     largest = float(ml_dtypes.finfo(w.dtype).max)
     if axis is None:
         rows = np.empty((1, w.size), dtype=kind)
         np.abs(w.reshape(1, -1), out=rows)
-        return _row_thresholds(rows, largest).reshape(())
+        return tuple(found.reshape(()) for found in _row_thresholds(rows, largest))
     before, along, after = split3(w.shape, axis)
     w3 = w.reshape(before, along, after)
     if block_size == 0:
-        out = np.empty(along)
+        out = np.empty((3, along))
         # 64 channels at a time at least: a channel strided across rows is gathered a row's
         # run of channels at a time, then transposed in cache (4x faster than channel by
         # channel on a 4096x8192 weight); binned channels more, as each call costs ~0.2 ms
@@ -406,10 +443,10 @@ def _optimal_thresholds(w: np.ndarray, axis: int | None, block_size: int) -> np.
                 gathered = part[:, sub : sub + 64]
                 gathered = np.abs(gathered) if after == 1 else gathered
                 np.abs(np.moveaxis(gathered, 1, 0), out=rows[sub : sub + 64])
-            out[start : start + step] = _row_thresholds(rows.reshape(width, -1), largest)
-        return out
+            out[:, start : start + step] = _row_thresholds(rows.reshape(width, -1), largest)
+        return out[0], out[1], out[2]
     blocks = -(-along // block_size)
-    out = np.empty((before, blocks, after))
+    out = np.empty((3, before, blocks, after))
     for index in pieces((before, blocks, after), max(1, linear.PIECE_ELEMENTS // block_size)):
         full = _full(index, (before, blocks, after))
         first, last = full[1].start, full[1].stop
@@ -428,10 +465,9 @@ def _optimal_thresholds(w: np.ndarray, axis: int | None, block_size: int) -> np.
             tail = np.moveaxis(grouped[:, whole], 2, 1)  # (rows, block, after)
             np.abs(part[:, whole * block_size :], out=tail[:, : valid % block_size])
             tail[:, valid % block_size :] = 0
-        out[full[0], first:last, full[2]] = _row_thresholds(
-            grouped.reshape(-1, block_size), largest
-        ).reshape(count, last - first, width)
-    return out
+        found = _row_thresholds(grouped.reshape(-1, block_size), largest)
+        out[:, full[0], first:last, full[2]] = np.reshape(found, (3, count, last - first, width))
+    return out[0], out[1], out[2]
 
 
 def _full(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
