@@ -26,6 +26,7 @@ their best ``k`` without the full sort (:func:`_binned_rows`: 2-3x faster on cha
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from typing import Literal
 
@@ -192,6 +193,8 @@ BINNED_MIN = 1024
 BIN_ELEMENTS = 1 << 17
 # Elements of the channels thresholded in one call of :func:`_binned_rows`.
 BINNED_CALL = 1 << 20
+MANTISSA = 0x7FFFFF
+COUNTED = 2.0**38  # what each magnitude adds to its bin besides its mantissa (see _bins)
 ROUNDING = 2.0**-53  # float64's unit roundoff
 EXACT_UNITS = 2.0**53  # float64 sums of multiples of u below this many u are exact
 FINITE_BITS = 0x7F800001  # above every finite float32's bit pattern
@@ -224,11 +227,8 @@ def _binned_rows(rows: np.ndarray, largest: float) -> Found:
     rounding = 2.1 * (size + 1) * ROUNDING  # of f as the sort computes it, relative
     reach = max(0.5 - 3.1 * (size + 2.0) ** 2 * ROUNDING, 0.0)
     spread = 1 / math.sqrt(size * (1 + rounding))
-    with np.errstate(over="ignore"):
-        mean = np.add.reduce(rows, axis=1) / np.float32(size)
-    large = ~np.isfinite(mean)  # the float32 sum overflowed
-    if large.any():
-        mean[large] = np.add.reduce(rows[large], axis=1, dtype=np.float64) / size
+    everything = np.add.reduce(rows, axis=1, dtype=np.float64)
+    mean = (everything / size).astype(np.float32)
     guess = np.maximum(mean, top * np.float32(spread)) * np.float32(reach * (1 - 1e-4))
     top_bits = top.view(np.int32).astype(np.int64)
     low_bits = np.minimum(guess, top).view(np.int32).astype(np.int64)
@@ -239,7 +239,7 @@ def _binned_rows(rows: np.ndarray, largest: float) -> Found:
     top_key = top_bits >> shift
     # bins are rows here (j-th from the top: bit patterns >> shift == top_key - j; the last
     # one lumps all below), groups are columns: cumulative sums run down, across all groups
-    binned = _bins(rows, shift, top_key, bins)
+    binned = _bins(rows, shift, top_key, bins, everything)
     counts = binned[0].copy()
     _running_sums(binned)
     kept, total = binned
@@ -310,6 +310,21 @@ def _chunks(count: int, size: int) -> list[tuple[slice, slice]]:
     return [(slice(r, r + step), slice(None)) for r in range(0, count, step)]
 
 
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, size: int, dtype: np.dtype | type) -> np.ndarray:
+    """A flat buffer of ``size`` elements named ``name``, kept by the calling thread for its
+    next calls: first writes to fresh pages are slow (~1 us per 4 KiB on the VMs measured,
+    as much as the work on them), and by_groups' threads code many slices each."""
+    dtype = np.dtype(dtype)
+    held = getattr(_SCRATCH, name, None)
+    if held is None or held.size < size * dtype.itemsize:
+        held = np.empty(size * dtype.itemsize, dtype=np.uint8)
+        setattr(_SCRATCH, name, held)
+    return held[: size * dtype.itemsize].view(dtype)
+
+
 def _running_sums(a: np.ndarray) -> None:
     """``np.cumsum(a, axis=1, out=a)`` for a multiple of 16 rows of many groups (the
     columns), in blocks of 16 rows: numpy accumulates along a non-last axis a column at a time,
@@ -325,20 +340,29 @@ def _running_sums(a: np.ndarray) -> None:
     blocks[:, 1:, :-1] += ends[:, :-1, None]
 
 
-def _bins(rows: np.ndarray, shift: np.ndarray, top_key: np.ndarray, bins: int) -> np.ndarray:
+def _bins(
+    rows: np.ndarray, shift: np.ndarray, top_key: np.ndarray, bins: int, total: np.ndarray
+) -> np.ndarray:
     """Count and float64 sum, ``(2, bins + 1, rows)``, of each row's magnitudes whose bit
-    patterns ``>> shift`` are ``top_key - j`` (bin ``j``), and in the last bin of all below."""
+    patterns ``>> shift`` are ``top_key - j`` (bin ``j``), and in the last bin of all below
+    (whose sum is what ``total``, the rows' sums, leaves).
+
+    One bincount gives both: every magnitude in a bin (one binade: ``shift`` <= 23) is its
+    23 mantissa bits ``m`` times the binade's unit, plus the implicit bit (except denormals),
+    so a bin's sum is exactly ``(sum m + count 2^23) unit``. Each magnitude adds the integer
+    ``2^38 + m`` to its bin: below 2^53 for up to 2^15 of them, the float64 sums are exact
+    integers whose high part counts them and whose low part sums ``m``."""
     count, _ = rows.shape
-    binned = np.zeros((2, bins + 1, count))
+    counts, mantissas = np.zeros((2, bins + 1, count))
     bits = rows.view(np.int32)  # non-negative floats order like their bit patterns
     shift32 = shift.astype(np.int32)[:, None]
     chunks = _chunks(*rows.shape)
     # buffers reused chunk after chunk: fresh pages are slow to fault in, and bincount
     # copies its arguments unless they are intp and float64 already
     largest = max(bits[index].size for index in chunks)
-    keys_buffer = np.empty(largest, dtype=np.int32)
-    flat_buffer = np.empty(largest, dtype=np.intp)
-    weights_buffer = np.empty(largest)
+    keys_buffer = _scratch("keys", largest, np.int32)
+    flat_buffer = _scratch("flat", largest, np.intp)
+    weights_buffer = _scratch("weights", largest, np.float64)
     for index in chunks:
         part = bits[index]
         width = part.shape[0]
@@ -349,13 +373,27 @@ def _bins(rows: np.ndarray, shift: np.ndarray, top_key: np.ndarray, bins: int) -
         np.minimum(keys, (first + bins).astype(np.int32)[:, None], out=keys)
         flat = flat_buffer[: part.size]
         np.copyto(flat, keys.reshape(-1))
-        weights = weights_buffer[: part.size]
-        np.copyto(weights.reshape(part.shape), rows[index])
+        np.bitwise_and(part, MANTISSA, out=keys)
+        weights = weights_buffer[: part.size].reshape(part.shape)
         length = (bins + 1) * width
-        for i, counted in enumerate((None, weights)):
-            found = np.bincount(flat, counted, minlength=length)
-            binned[i, :, index[0]] += found.reshape(width, bins + 1).T
-    return binned
+        if part.shape[1] < 1 << 15:
+            np.add(keys, COUNTED, out=weights)
+            found = np.bincount(flat, weights.reshape(-1), minlength=length)
+            tally = np.floor(found * (1 / COUNTED))
+            found -= tally * COUNTED
+        else:  # a bin could count 2^15 or more
+            np.copyto(weights, keys)
+            tally = np.bincount(flat, minlength=length).astype(np.float64)
+            found = np.bincount(flat, weights.reshape(-1), minlength=length)
+        counts[:, index[0]] += tally.reshape(width, bins + 1).T
+        mantissas[:, index[0]] += found.reshape(width, bins + 1).T
+    edges = (top_key - np.arange(bins)[:, None]) << shift  # each bin's lowest bit pattern
+    binade = np.maximum(edges >> 23, 0)
+    implicit = np.where(binade > 0, counts[:-1] * 2.0**23, 0)
+    sums = np.empty_like(counts)
+    sums[:-1] = np.ldexp(mantissas[:-1] + implicit, (np.maximum(binade, 1) - 150).astype(np.int32))
+    sums[-1] = np.maximum(total - np.add.reduce(sums[:-1], axis=0), 0)
+    return np.stack([counts, sums])
 
 
 def _sort_bins(
@@ -375,18 +413,18 @@ def _sort_bins(
     low32, high32 = low.astype(np.int32)[:, None], high.astype(np.int32)[:, None]
     chosen = []
     chunks = _chunks(count, size)
-    buffer = np.empty(max(bits[index].size for index in chunks), dtype=np.bool_)
+    buffer = _scratch("inside", max(bits[index].size for index in chunks), np.bool_)
     for index in chunks:
         part = bits[index]
         inside = buffer[: part.size].reshape(part.shape)
         np.greater_equal(part, low32[index[0]], out=inside)
         inside &= part < high32[index[0]]
         chosen.append(np.compress(inside.reshape(-1), rows[index].reshape(-1)))
+    flat = np.concatenate(chosen)
     width = max(int(taken.max()), 1)
     every = np.arange(count)
     table = np.full((count, width), -1.0, dtype=np.float32)  # padding sorts first
     starts = np.cumsum(taken) - taken
-    flat = np.concatenate(chosen)
     table.reshape(-1)[np.arange(flat.size) + np.repeat(every * width - starts, taken)] = flat
     table.sort(axis=1)
     largest_first = table[:, ::-1].astype(np.float64)
@@ -434,7 +472,7 @@ def _optimal_thresholds(w: np.ndarray, axis: int | None, block_size: int) -> Fou
         # channel on a 4096x8192 weight); binned channels more, as each call costs ~0.2 ms
         size = before * after
         step = max(64, (BINNED_CALL if size >= BINNED_MIN else linear.PIECE_ELEMENTS) // size)
-        buffer = np.empty((min(step, along), before, after), dtype=kind)
+        buffer = _scratch("gathered", min(step, along) * size, kind).reshape(-1, before, after)
         for start in range(0, along, step):
             part = w3[:, start : start + step]
             width = part.shape[1]
