@@ -387,11 +387,15 @@ def _bins(
             found = np.bincount(flat, weights.reshape(-1), minlength=length)
         counts[:, index[0]] += tally.reshape(width, bins + 1).T
         mantissas[:, index[0]] += found.reshape(width, bins + 1).T
-    edges = (top_key - np.arange(bins)[:, None]) << shift  # each bin's lowest bit pattern
-    binade = np.maximum(edges >> 23, 0)
+    # each bin's exponent bits (its bit patterns >> 23) and unit 2^(exponent - 150) (a
+    # denormal's exponent is 0, its unit that of 1), in float64 arithmetic: numpy shifts
+    # int64 arrays by arrays and ldexp element by element, 40x slower
+    keys = top_key - np.arange(bins, dtype=np.float64)[:, None]
+    binade = np.maximum(np.floor(keys * np.exp2(shift - 23.0)), 0)
     implicit = np.where(binade > 0, counts[:-1] * 2.0**23, 0)
+    unit = (np.maximum(binade, 1).astype(np.int64) + (1023 - 150) << 52).view(np.float64)
     sums = np.empty_like(counts)
-    sums[:-1] = np.ldexp(mantissas[:-1] + implicit, (np.maximum(binade, 1) - 150).astype(np.int32))
+    sums[:-1] = (mantissas[:-1] + implicit) * unit
     sums[-1] = np.maximum(total - np.add.reduce(sums[:-1], axis=0), 0)
     return np.stack([counts, sums])
 
@@ -410,15 +414,20 @@ def _sort_bins(
     (exact) sum of the magnitudes above the threshold and how many."""
     count, size = rows.shape
     bits = rows.view(np.int32)
-    low32, high32 = low.astype(np.int32)[:, None], high.astype(np.int32)[:, None]
+    low32 = low.astype(np.int32)[:, None]
     chosen = []
     chunks = _chunks(count, size)
-    buffer = _scratch("inside", max(bits[index].size for index in chunks), np.bool_)
+    largest = max(bits[index].size for index in chunks)
+    buffer = _scratch("inside", largest, np.bool_)
+    offsets = _scratch("offsets", largest, np.uint32)
+    # low <= bits < high as one unsigned comparison: bits - low wraps around below low
+    start, span = low.astype(np.uint32)[:, None], (high - low).astype(np.uint32)[:, None]
     for index in chunks:
         part = bits[index]
         inside = buffer[: part.size].reshape(part.shape)
-        np.greater_equal(part, low32[index[0]], out=inside)
-        inside &= part < high32[index[0]]
+        offset = offsets[: part.size].reshape(part.shape)
+        np.subtract(part.view(np.uint32), start[index[0]], out=offset)
+        np.less(offset, span[index[0]], out=inside)
         chosen.append(np.compress(inside.reshape(-1), rows[index].reshape(-1)))
     flat = np.concatenate(chosen)
     width = max(int(taken.max()), 1)
@@ -479,7 +488,10 @@ def _optimal_thresholds(w: np.ndarray, axis: int | None, block_size: int) -> Fou
             rows = buffer[:width]
             for sub in range(0, width, 64):
                 gathered = part[:, sub : sub + 64]
-                gathered = np.abs(gathered) if after == 1 else gathered
+                if after == 1:  # rows of 64 magnitudes, then their transpose in cache
+                    run = gathered.shape[1]
+                    copied = _scratch("transposed", before * run, kind).reshape(before, run, 1)
+                    gathered = np.abs(gathered, out=copied)
                 np.abs(np.moveaxis(gathered, 1, 0), out=rows[sub : sub + 64])
             out[:, start : start + step] = _row_thresholds(rows.reshape(width, -1), largest)
         return out[0], out[1], out[2]
