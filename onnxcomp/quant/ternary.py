@@ -313,13 +313,17 @@ def _chunks(count: int, size: int) -> list[tuple[slice, slice]]:
 
 
 _SCRATCH = threading.local()
+SCRATCH_BYTES = 1 << 23  # per buffer; ~10 MB in all per thread at most
 
 
 def _scratch(name: str, size: int, dtype: np.dtype | type) -> np.ndarray:
     """A flat buffer of ``size`` elements named ``name``, kept by the calling thread for its
     next calls: first writes to fresh pages are slow (~1 us per 4 KiB on the VMs measured,
-    as much as the work on them), and by_groups' threads code many slices each."""
+    as much as the work on them), and by_groups' threads code many slices each. Buffers
+    above :data:`SCRATCH_BYTES` are not kept (a huge lone group: memory, not speed)."""
     dtype = np.dtype(dtype)
+    if size * dtype.itemsize > SCRATCH_BYTES:
+        return np.empty(size, dtype=dtype)
     held = getattr(_SCRATCH, name, None)
     if held is None or held.size < size * dtype.itemsize:
         held = np.empty(size * dtype.itemsize, dtype=np.uint8)
