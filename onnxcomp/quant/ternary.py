@@ -21,6 +21,12 @@ one row after another along strided ones), so the results are bit for bit those 
 plain formulation (tests/quant/test_identity.py keeps it as the reference). Long groups find
 their best ``k`` without the full sort (:func:`_binned_rows`: 2-3x faster on channels of
 4096-8192), with the sort's thresholds to the bit (tests/quant/test_identity.py).
+
+The search for the optimal threshold also yields alpha's sum and count, the magnitudes above
+the threshold: where that float64 sum is exact (multiples of the smallest one's ulp, below
+2^53 of them), every order of addition gives it, nanmean's included, so :func:`ternarize`
+skips the second pass over the weight for those groups (all of them on real weights; sums
+that may round and groups with NaN or inf are added again). tests/quant/test_ternary_sums.py.
 """
 
 from __future__ import annotations
