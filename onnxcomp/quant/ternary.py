@@ -147,7 +147,9 @@ def _sorted_rows(rows: np.ndarray, largest: float) -> Found:
     """:func:`_optimal_threshold` of groups that are the rows of a contiguous array of
     magnitudes (sorted in place): the same sort, cumulative sum and argmax. ``largest``: the
     weight dtype's largest value, which inf becomes (rows may be wider than the weight).
-    With :func:`_kept_sums`' sums and counts."""
+    With the sum of the magnitudes above the threshold (its cumulative sum there: alpha's sum
+    adds them in another order, the same result where both are exact, as in
+    :func:`_binned_rows`; NaN elsewhere) and how many."""
     rows.sort(axis=-1)
     # NaN sorts last, inf just before: nan_to_num makes them 0 and float max, as the plain
     # formulation does before sorting
@@ -160,32 +162,23 @@ def _sorted_rows(rows: np.ndarray, largest: float) -> Found:
     sums = np.empty((count, size))
     np.copyto(sums, rows[:, ::-1])  # largest first, in float64
     np.cumsum(sums, axis=-1, out=sums)
-    np.square(sums, out=sums)
-    np.divide(sums, np.arange(1, size + 1), out=sums)
-    best = np.argmax(sums, axis=-1)  # kept: best + 1 largest
+    f = np.square(sums)
+    np.divide(f, np.arange(1, size + 1), out=f)
+    best = np.argmax(f, axis=-1)  # kept: best + 1 largest
     everyone = np.arange(count)
     last_kept = rows[everyone, size - 1 - best].astype(np.float64)
     dropped = np.minimum(best + 1, size - 1)
     first_dropped = np.where(best + 1 < size, rows[everyone, size - 1 - dropped], 0)
     thresholds = (last_kept + first_dropped.astype(np.float64)) / 2
-    total, kept = _kept_sums(rows, thresholds)
-    total[odd] = np.nan  # inf counts as the dtype's largest here, as inf in alpha's sum
-    return thresholds, total, kept
-
-
-def _kept_sums(rows: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ascending magnitudes, the float64 sum of those above the row's threshold and
-    how many, NaN where the sum may round: alpha's sum (:func:`_group_sums`) adds the same
-    magnitudes in another order, which gives the same result when both are exact (sums of
-    multiples of the smallest one's ulp below 2^53 of them, as in :func:`_binned_rows`)."""
-    count, size = rows.shape
-    above = rows > thresholds[:, None]
-    kept = np.add.reduce(above, axis=1, dtype=np.intp)
-    total = np.add.reduce(np.where(above, rows, 0), axis=1, dtype=np.float64)
-    smallest = rows[np.arange(count), np.minimum(size - kept, size - 1)].astype(np.float32)
+    # above the threshold: the best k, fewer where the k-th ties with the next
+    kept = best + 1
+    tied = np.flatnonzero(last_kept == first_dropped)
+    kept[tied] = np.add.reduce(rows[tied] > thresholds[tied, None], axis=1, dtype=np.intp)
+    total = np.where(kept > 0, sums[everyone, np.maximum(kept - 1, 0)], 0.0)
+    smallest = rows[everyone, size - np.maximum(kept, 1)].astype(np.float32)
     unit = np.ldexp(1.0, np.maximum(smallest.view(np.int32) >> 23, 1) - 150)
-    total[total * (1 + 4 * (size + 1) * ROUNDING) >= unit * EXACT_UNITS] = np.nan
-    return total, kept.astype(np.float64)
+    total[(total * (1 + 4 * (size + 1) * ROUNDING) >= unit * EXACT_UNITS) | odd] = np.nan
+    return thresholds, total, kept.astype(np.float64)
 
 
 # Bins per group in :func:`_binned_rows`: the finest split of float32 bit patterns (8 to 15
