@@ -94,7 +94,7 @@ def ternarize(
         total, count = total.reshape(shape), count.reshape(shape)
         codes = _ternary_codes(w, delta, axis, block_size)
         unknown = np.isnan(total)
-        if unknown.any():  # sums the search could not vouch for (see _kept_sums)
+        if unknown.any():  # sums that may round, NaN or inf (see _sorted_rows, _binned_rows)
             redone = _group_sums(w, axis, block_size, delta)
             total[unknown], count[unknown] = redone[0][unknown], redone[1][unknown]
     with np.errstate(invalid="ignore", divide="ignore"):  # all-zero group: nothing kept
