@@ -21,11 +21,18 @@ one row after another along strided ones), so the results are bit for bit those 
 plain formulation (tests/quant/test_identity.py keeps it as the reference). Long groups find
 their best ``k`` without the full sort (:func:`_binned_rows`: 2-3x faster on channels of
 4096-8192), with the sort's thresholds to the bit (tests/quant/test_identity.py).
+
+The search for the optimal threshold also yields alpha's sum and count, the magnitudes above
+the threshold: where that float64 sum is exact (multiples of the smallest one's ulp, below
+2^53 of them), every order of addition gives it, nanmean's included, so :func:`ternarize`
+skips the second pass over the weight for those groups (all of them on real weights; sums
+that may round and groups with NaN or inf are added again). tests/quant/test_ternary_sums.py.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from typing import Literal
 
@@ -44,6 +51,8 @@ from onnxcomp.quant.linear import (
 )
 
 TernaryRule = Literal["optimal", "twn"]
+# per group: the optimal threshold, the sum of the magnitudes above it, how many
+Found = tuple[np.ndarray, np.ndarray, np.ndarray]
 TWN_FACTOR = 0.7
 
 
@@ -77,10 +86,17 @@ def ternarize(
         if np.isnan(total).any():
             return _ternarize_plain(w, axis, block_size, rule)
         delta = TWN_FACTOR * (total / count)
+        codes = _ternary_codes(w, delta, axis, block_size)
+        total, count = _group_sums(w, axis, block_size, delta)
     else:
-        delta = _optimal_thresholds(w, axis, block_size)
-    codes = _ternary_codes(w, delta, axis, block_size)
-    total, count = _group_sums(w, axis, block_size, delta)
+        delta, total, count = _optimal_thresholds(w, axis, block_size)
+        shape = param_shape(w.shape, axis, block_size)
+        total, count = total.reshape(shape), count.reshape(shape)
+        codes = _ternary_codes(w, delta, axis, block_size)
+        unknown = np.isnan(total)
+        if unknown.any():  # sums that may round, NaN or inf (see _sorted_rows, _binned_rows)
+            redone = _group_sums(w, axis, block_size, delta)
+            total[unknown], count[unknown] = redone[0][unknown], redone[1][unknown]
     with np.errstate(invalid="ignore", divide="ignore"):  # all-zero group: nothing kept
         alpha = total / count
     return codes, np.nan_to_num(alpha, nan=0.0)
@@ -127,10 +143,13 @@ def _optimal_threshold(groups: np.ndarray, axis: int = -1) -> np.ndarray:
     return (last_kept + first_dropped) / 2
 
 
-def _sorted_rows(rows: np.ndarray, largest: float) -> np.ndarray:
+def _sorted_rows(rows: np.ndarray, largest: float) -> Found:
     """:func:`_optimal_threshold` of groups that are the rows of a contiguous array of
     magnitudes (sorted in place): the same sort, cumulative sum and argmax. ``largest``: the
-    weight dtype's largest value, which inf becomes (rows may be wider than the weight)."""
+    weight dtype's largest value, which inf becomes (rows may be wider than the weight).
+    With the sum of the magnitudes above the threshold (its cumulative sum there: alpha's sum
+    adds them in another order, the same result where both are exact, as in
+    :func:`_binned_rows`; NaN elsewhere) and how many."""
     rows.sort(axis=-1)
     # NaN sorts last, inf just before: nan_to_num makes them 0 and float max, as the plain
     # formulation does before sorting
@@ -143,14 +162,23 @@ def _sorted_rows(rows: np.ndarray, largest: float) -> np.ndarray:
     sums = np.empty((count, size))
     np.copyto(sums, rows[:, ::-1])  # largest first, in float64
     np.cumsum(sums, axis=-1, out=sums)
-    np.square(sums, out=sums)
-    np.divide(sums, np.arange(1, size + 1), out=sums)
-    best = np.argmax(sums, axis=-1)  # kept: best + 1 largest
+    f = np.square(sums)
+    np.divide(f, np.arange(1, size + 1), out=f)
+    best = np.argmax(f, axis=-1)  # kept: best + 1 largest
     everyone = np.arange(count)
     last_kept = rows[everyone, size - 1 - best].astype(np.float64)
     dropped = np.minimum(best + 1, size - 1)
     first_dropped = np.where(best + 1 < size, rows[everyone, size - 1 - dropped], 0)
-    return (last_kept + first_dropped.astype(np.float64)) / 2
+    thresholds = (last_kept + first_dropped.astype(np.float64)) / 2
+    # above the threshold: the best k, fewer where the k-th ties with the next
+    kept = best + 1
+    tied = np.flatnonzero(last_kept == first_dropped)
+    kept[tied] = np.add.reduce(rows[tied] > thresholds[tied, None], axis=1, dtype=np.intp)
+    total = np.where(kept > 0, sums[everyone, np.maximum(kept - 1, 0)], 0.0)
+    smallest = rows[everyone, size - np.maximum(kept, 1)].astype(np.float32)
+    unit = np.ldexp(1.0, np.maximum(smallest.view(np.int32) >> 23, 1) - 150)
+    total[(total * (1 + 4 * (size + 1) * ROUNDING) >= unit * EXACT_UNITS) | odd] = np.nan
+    return thresholds, total, kept.astype(np.float64)
 
 
 # Bins per group in :func:`_binned_rows`: the finest split of float32 bit patterns (8 to 15
@@ -164,12 +192,16 @@ BINNED_MIN = 1024
 BIN_ELEMENTS = 1 << 17
 # Elements of the channels thresholded in one call of :func:`_binned_rows`.
 BINNED_CALL = 1 << 20
+# Channels summed at once by :func:`_column_sums`.
+COLUMN_RUN = 1024
+MANTISSA = 0x7FFFFF
+COUNTED = 2.0**38  # what each magnitude adds to its bin besides its mantissa (see _bins)
 ROUNDING = 2.0**-53  # float64's unit roundoff
 EXACT_UNITS = 2.0**53  # float64 sums of multiples of u below this many u are exact
 FINITE_BITS = 0x7F800001  # above every finite float32's bit pattern
 
 
-def _binned_rows(rows: np.ndarray, largest: float) -> np.ndarray:
+def _binned_rows(rows: np.ndarray, largest: float) -> Found:
     """:func:`_sorted_rows` of contiguous float32 ``rows`` (modified in place), sorting
     only the few magnitudes near each row's threshold.
 
@@ -196,11 +228,8 @@ def _binned_rows(rows: np.ndarray, largest: float) -> np.ndarray:
     rounding = 2.1 * (size + 1) * ROUNDING  # of f as the sort computes it, relative
     reach = max(0.5 - 3.1 * (size + 2.0) ** 2 * ROUNDING, 0.0)
     spread = 1 / math.sqrt(size * (1 + rounding))
-    with np.errstate(over="ignore"):
-        mean = np.add.reduce(rows, axis=1) / np.float32(size)
-    large = ~np.isfinite(mean)  # the float32 sum overflowed
-    if large.any():
-        mean[large] = np.add.reduce(rows[large], axis=1, dtype=np.float64) / size
+    everything = np.add.reduce(rows, axis=1, dtype=np.float64)
+    mean = (everything / size).astype(np.float32)
     guess = np.maximum(mean, top * np.float32(spread)) * np.float32(reach * (1 - 1e-4))
     top_bits = top.view(np.int32).astype(np.int64)
     low_bits = np.minimum(guess, top).view(np.int32).astype(np.int64)
@@ -211,7 +240,7 @@ def _binned_rows(rows: np.ndarray, largest: float) -> np.ndarray:
     top_key = top_bits >> shift
     # bins are rows here (j-th from the top: bit patterns >> shift == top_key - j; the last
     # one lumps all below), groups are columns: cumulative sums run down, across all groups
-    binned = _bins(rows, shift, top_key, bins)
+    binned = _bins(rows, shift, top_key, bins, everything)
     counts = binned[0].copy()
     _running_sums(binned)
     kept, total = binned
@@ -256,17 +285,17 @@ def _binned_rows(rows: np.ndarray, largest: float) -> np.ndarray:
     # as wide as them all would cost more
     whole = ~maybe[first, every] | (last == bins) | ~exact | (taken > max(size // 8, 256))
     low[whole], high[whole], taken[whole] = 0, 0, 0
-    thresholds = np.empty(count)
+    found = np.empty((3, count))  # thresholds, sums above them, how many
     if not whole.all():
-        thresholds[~whole] = _sort_bins(
-            rows, low, high, taken, kept_above[first, every], above[first, every]
-        )[~whole]
+        settled = _sort_bins(rows, low, high, taken, kept_above[first, every], above[first, every])
+        found[:, ~whole] = np.asarray(settled)[:, ~whole]
     if whole.any():
-        thresholds[whole] = _sorted_rows(rows[whole], largest)
-    return thresholds
+        found[:, whole] = _sorted_rows(rows[whole], largest)
+    found[1, odd] = np.nan  # inf became the dtype's largest
+    return found[0], found[1], found[2]
 
 
-def _row_thresholds(rows: np.ndarray, largest: float) -> np.ndarray:
+def _row_thresholds(rows: np.ndarray, largest: float) -> Found:
     """:func:`_sorted_rows`, binned first where the rows are long float32 ones."""
     if rows.dtype == np.float32 and rows.shape[1] >= BINNED_MIN:
         return _binned_rows(rows, largest)
@@ -280,6 +309,25 @@ def _chunks(count: int, size: int) -> list[tuple[slice, slice]]:
                 for r in range(count) for c in range(0, size, BIN_ELEMENTS)]  # fmt: skip
     step = max(1, BIN_ELEMENTS // size)
     return [(slice(r, r + step), slice(None)) for r in range(0, count, step)]
+
+
+_SCRATCH = threading.local()
+SCRATCH_BYTES = 1 << 23  # per buffer; ~10 MB in all per thread at most
+
+
+def _scratch(name: str, size: int, dtype: np.dtype | type) -> np.ndarray:
+    """A flat buffer of ``size`` elements named ``name``, kept by the calling thread for its
+    next calls: first writes to fresh pages are slow (~1 us per 4 KiB on the VMs measured,
+    as much as the work on them), and by_groups' threads code many slices each. Buffers
+    above :data:`SCRATCH_BYTES` are not kept (a huge lone group: memory, not speed)."""
+    dtype = np.dtype(dtype)
+    if size * dtype.itemsize > SCRATCH_BYTES:
+        return np.empty(size, dtype=dtype)
+    held = getattr(_SCRATCH, name, None)
+    if held is None or held.size < size * dtype.itemsize:
+        held = np.empty(size * dtype.itemsize, dtype=np.uint8)
+        setattr(_SCRATCH, name, held)
+    return held[: size * dtype.itemsize].view(dtype)
 
 
 def _running_sums(a: np.ndarray) -> None:
@@ -297,20 +345,29 @@ def _running_sums(a: np.ndarray) -> None:
     blocks[:, 1:, :-1] += ends[:, :-1, None]
 
 
-def _bins(rows: np.ndarray, shift: np.ndarray, top_key: np.ndarray, bins: int) -> np.ndarray:
+def _bins(
+    rows: np.ndarray, shift: np.ndarray, top_key: np.ndarray, bins: int, total: np.ndarray
+) -> np.ndarray:
     """Count and float64 sum, ``(2, bins + 1, rows)``, of each row's magnitudes whose bit
-    patterns ``>> shift`` are ``top_key - j`` (bin ``j``), and in the last bin of all below."""
+    patterns ``>> shift`` are ``top_key - j`` (bin ``j``), and in the last bin of all below
+    (whose sum is what ``total``, the rows' sums, leaves).
+
+    One bincount gives both: every magnitude in a bin (one binade: ``shift`` <= 23) is its
+    23 mantissa bits ``m`` times the binade's unit, plus the implicit bit (except denormals),
+    so a bin's sum is exactly ``(sum m + count 2^23) unit``. Each magnitude adds the integer
+    ``2^38 + m`` to its bin: below 2^53 for up to 2^15 of them, the float64 sums are exact
+    integers whose high part counts them and whose low part sums ``m``."""
     count, _ = rows.shape
-    binned = np.zeros((2, bins + 1, count))
+    counts, mantissas = np.zeros((2, bins + 1, count))
     bits = rows.view(np.int32)  # non-negative floats order like their bit patterns
     shift32 = shift.astype(np.int32)[:, None]
     chunks = _chunks(*rows.shape)
     # buffers reused chunk after chunk: fresh pages are slow to fault in, and bincount
     # copies its arguments unless they are intp and float64 already
     largest = max(bits[index].size for index in chunks)
-    keys_buffer = np.empty(largest, dtype=np.int32)
-    flat_buffer = np.empty(largest, dtype=np.intp)
-    weights_buffer = np.empty(largest)
+    keys_buffer = _scratch("keys", largest, np.int32)
+    flat_buffer = _scratch("flat", largest, np.intp)
+    weights_buffer = _scratch("weights", largest, np.float64)
     for index in chunks:
         part = bits[index]
         width = part.shape[0]
@@ -321,13 +378,31 @@ def _bins(rows: np.ndarray, shift: np.ndarray, top_key: np.ndarray, bins: int) -
         np.minimum(keys, (first + bins).astype(np.int32)[:, None], out=keys)
         flat = flat_buffer[: part.size]
         np.copyto(flat, keys.reshape(-1))
-        weights = weights_buffer[: part.size]
-        np.copyto(weights.reshape(part.shape), rows[index])
+        np.bitwise_and(part, MANTISSA, out=keys)
+        weights = weights_buffer[: part.size].reshape(part.shape)
         length = (bins + 1) * width
-        for i, counted in enumerate((None, weights)):
-            found = np.bincount(flat, counted, minlength=length)
-            binned[i, :, index[0]] += found.reshape(width, bins + 1).T
-    return binned
+        if part.shape[1] < 1 << 15:
+            np.add(keys, COUNTED, out=weights)
+            found = np.bincount(flat, weights.reshape(-1), minlength=length)
+            tally = np.floor(found * (1 / COUNTED))
+            found -= tally * COUNTED
+        else:  # a bin could count 2^15 or more
+            np.copyto(weights, keys)
+            tally = np.bincount(flat, minlength=length).astype(np.float64)
+            found = np.bincount(flat, weights.reshape(-1), minlength=length)
+        counts[:, index[0]] += tally.reshape(width, bins + 1).T
+        mantissas[:, index[0]] += found.reshape(width, bins + 1).T
+    # each bin's exponent bits (its bit patterns >> 23) and unit 2^(exponent - 150) (a
+    # denormal's exponent is 0, its unit that of 1), in float64 arithmetic: numpy shifts
+    # int64 arrays by arrays and ldexp element by element, 40x slower
+    keys = top_key - np.arange(bins, dtype=np.float64)[:, None]
+    binade = np.maximum(np.floor(keys * np.exp2(shift - 23.0)), 0)
+    implicit = np.where(binade > 0, counts[:-1] * 2.0**23, 0)
+    unit = (np.maximum(binade, 1).astype(np.int64) + (1023 - 150) << 52).view(np.float64)
+    sums = np.empty_like(counts)
+    sums[:-1] = (mantissas[:-1] + implicit) * unit
+    sums[-1] = np.maximum(total - np.add.reduce(sums[:-1], axis=0), 0)
+    return np.stack([counts, sums])
 
 
 def _sort_bins(
@@ -337,33 +412,39 @@ def _sort_bins(
     taken: np.ndarray,
     kept_above: np.ndarray,
     above: np.ndarray,
-) -> np.ndarray:
+) -> Found:
     """Per row, the threshold when the best k has its k-th largest magnitude among the
     ``taken`` ones with bit patterns in ``[low, high)``, of which ``kept_above`` magnitudes
-    summing to ``above`` (exactly) are larger: those are sorted, the rest are not."""
+    summing to ``above`` (exactly) are larger: those are sorted, the rest are not. With the
+    (exact) sum of the magnitudes above the threshold and how many."""
     count, size = rows.shape
     bits = rows.view(np.int32)
-    low32, high32 = low.astype(np.int32)[:, None], high.astype(np.int32)[:, None]
+    low32 = low.astype(np.int32)[:, None]
     chosen = []
     chunks = _chunks(count, size)
-    buffer = np.empty(max(bits[index].size for index in chunks), dtype=np.bool_)
+    largest = max(bits[index].size for index in chunks)
+    buffer = _scratch("inside", largest, np.bool_)
+    offsets = _scratch("offsets", largest, np.uint32)
+    # low <= bits < high as one unsigned comparison: bits - low wraps around below low
+    start, span = low.astype(np.uint32)[:, None], (high - low).astype(np.uint32)[:, None]
     for index in chunks:
         part = bits[index]
         inside = buffer[: part.size].reshape(part.shape)
-        np.greater_equal(part, low32[index[0]], out=inside)
-        inside &= part < high32[index[0]]
+        offset = offsets[: part.size].reshape(part.shape)
+        np.subtract(part.view(np.uint32), start[index[0]], out=offset)
+        np.less(offset, span[index[0]], out=inside)
         chosen.append(np.compress(inside.reshape(-1), rows[index].reshape(-1)))
+    flat = np.concatenate(chosen)
     width = max(int(taken.max()), 1)
     every = np.arange(count)
     table = np.full((count, width), -1.0, dtype=np.float32)  # padding sorts first
     starts = np.cumsum(taken) - taken
-    flat = np.concatenate(chosen)
     table.reshape(-1)[np.arange(flat.size) + np.repeat(every * width - starts, taken)] = flat
     table.sort(axis=1)
     largest_first = table[:, ::-1].astype(np.float64)
-    f = np.cumsum(largest_first, axis=1)
-    f += above[:, None]  # exact: sums of multiples of ulp(low) below 2^53 ulp(low)
-    np.square(f, out=f)
+    sums = np.cumsum(largest_first, axis=1)
+    sums += above[:, None]  # exact: sums of multiples of ulp(low) below 2^53 ulp(low)
+    f = np.square(sums)
     np.divide(f, kept_above[:, None] + np.arange(1, width + 1), out=f)
     f[np.arange(width) >= taken[:, None]] = -np.inf
     best = np.argmax(f, axis=1)
@@ -376,40 +457,51 @@ def _sort_bins(
         part = rows[chosen_rows, index[1]]
         below = np.where(part.view(np.int32) < low32[chosen_rows], part, np.float32(0))
         first_dropped[chosen_rows] = np.maximum(first_dropped[chosen_rows], below.max(axis=1))
-    return (last_kept + first_dropped) / 2
+    thresholds = (last_kept + first_dropped) / 2
+    # kept: all above the sorted ones and the sorted ones above the threshold (the best k
+    # of them, fewer where the k-th ties with the next); none below (all at most
+    # first_dropped); their sum is exact too, as every kept magnitude is at least low
+    inside = np.add.reduce(largest_first > thresholds[:, None], axis=1, dtype=np.intp)
+    total = np.where(inside > 0, sums[every, np.maximum(inside - 1, 0)], above)
+    return thresholds, total, (kept_above + inside).astype(np.float64)
 
 
-def _optimal_thresholds(w: np.ndarray, axis: int | None, block_size: int) -> np.ndarray:
+def _optimal_thresholds(w: np.ndarray, axis: int | None, block_size: int) -> Found:
     """``reduce_groups(w, ..., _optimal_threshold, exact=True)``, a few groups at a time: the
-    threshold of a group depends on its magnitudes only, not on their order."""
+    threshold of a group depends on its magnitudes only, not on their order. With, in the
+    same shape, the float64 sum of the magnitudes above each threshold (NaN where it could
+    differ from :func:`_group_sums`') and how many."""
     kind = np.float32 if w.dtype in FLOAT32_EXACT else w.dtype  # float16 too: the same values
     largest = float(ml_dtypes.finfo(w.dtype).max)
     if axis is None:
         rows = np.empty((1, w.size), dtype=kind)
         np.abs(w.reshape(1, -1), out=rows)
-        return _row_thresholds(rows, largest).reshape(())
+        return tuple(found.reshape(()) for found in _row_thresholds(rows, largest))
     before, along, after = split3(w.shape, axis)
     w3 = w.reshape(before, along, after)
     if block_size == 0:
-        out = np.empty(along)
+        out = np.empty((3, along))
         # 64 channels at a time at least: a channel strided across rows is gathered a row's
         # run of channels at a time, then transposed in cache (4x faster than channel by
         # channel on a 4096x8192 weight); binned channels more, as each call costs ~0.2 ms
         size = before * after
         step = max(64, (BINNED_CALL if size >= BINNED_MIN else linear.PIECE_ELEMENTS) // size)
-        buffer = np.empty((min(step, along), before, after), dtype=kind)
+        buffer = _scratch("gathered", min(step, along) * size, kind).reshape(-1, before, after)
         for start in range(0, along, step):
             part = w3[:, start : start + step]
             width = part.shape[1]
             rows = buffer[:width]
             for sub in range(0, width, 64):
                 gathered = part[:, sub : sub + 64]
-                gathered = np.abs(gathered) if after == 1 else gathered
+                if after == 1:  # rows of 64 magnitudes, then their transpose in cache
+                    run = gathered.shape[1]
+                    copied = _scratch("transposed", before * run, kind).reshape(before, run, 1)
+                    gathered = np.abs(gathered, out=copied)
                 np.abs(np.moveaxis(gathered, 1, 0), out=rows[sub : sub + 64])
-            out[start : start + step] = _row_thresholds(rows.reshape(width, -1), largest)
-        return out
+            out[:, start : start + step] = _row_thresholds(rows.reshape(width, -1), largest)
+        return out[0], out[1], out[2]
     blocks = -(-along // block_size)
-    out = np.empty((before, blocks, after))
+    out = np.empty((3, before, blocks, after))
     for index in pieces((before, blocks, after), max(1, linear.PIECE_ELEMENTS // block_size)):
         full = _full(index, (before, blocks, after))
         first, last = full[1].start, full[1].stop
@@ -428,10 +520,9 @@ def _optimal_thresholds(w: np.ndarray, axis: int | None, block_size: int) -> np.
             tail = np.moveaxis(grouped[:, whole], 2, 1)  # (rows, block, after)
             np.abs(part[:, whole * block_size :], out=tail[:, : valid % block_size])
             tail[:, valid % block_size :] = 0
-        out[full[0], first:last, full[2]] = _row_thresholds(
-            grouped.reshape(-1, block_size), largest
-        ).reshape(count, last - first, width)
-    return out
+        found = _row_thresholds(grouped.reshape(-1, block_size), largest)
+        out[:, full[0], first:last, full[2]] = np.reshape(found, (3, count, last - first, width))
+    return out[0], out[1], out[2]
 
 
 def _full(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -476,6 +567,8 @@ def _sums(
         return total.reshape(()), np.asarray(w.size if count is None else count.sum(), float)
     before, along, after = split3(w.shape, axis)
     w3 = w.reshape(before, along, after)
+    if block_size == 0 and after == 1 and along > 1:
+        return _column_sums(w3[:, :, 0], threshold, careful)
     if block_size == 0:
         total, count = np.empty(along), np.full(along, float(before * after))
         for first, last in _channel_runs(along, max(1, linear.PIECE_ELEMENTS // (before * after))):
@@ -513,6 +606,40 @@ def _sums(
             else:
                 count[index] = kept.sum(axis=2)
     return total.reshape(shape), count.reshape(shape)
+
+
+def _column_sums(
+    w: np.ndarray, threshold: np.ndarray | None, careful: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_sums` of the columns of 2-D ``w`` (channels strided across rows, two or more).
+
+    numpy's reduce over the strided layout adds a run of channels one row after another:
+    ``((x0 + x1) + x2) + ...`` per channel. So do these: blocks of rows copied in float64
+    below the running sum, and reduced along the first axis (numpy adds a C-contiguous
+    array's rows one after another too, a row's run of channels at a time), which keeps the
+    order with wide runs of channels in a cache-sized buffer (short runs cost ~3x more)."""
+    rows, channels = w.shape
+    total, count = np.empty(channels), np.full(channels, float(rows))
+    for first, last in _channel_runs(channels, COLUMN_RUN):
+        width = last - first
+        step = max(1, linear.PIECE_ELEMENTS // width)
+        buffer = _scratch("column_sums", (step + 1) * width, np.float64).reshape(-1, width)
+        limit = None if threshold is None else threshold[first:last]
+        kept = 0
+        for start in range(0, rows, step):
+            block = w[start : start + step, first:last]
+            magnitudes = buffer[1 : len(block) + 1]
+            np.abs(block, out=magnitudes)
+            mask = _drop(magnitudes, limit, careful)
+            if mask is not None:
+                kept += np.add.reduce(mask, axis=0, dtype=np.intp)
+            if start:  # the running sum first
+                buffer[0] = total[first:last]
+                magnitudes = buffer[: len(block) + 1]
+            np.add.reduce(magnitudes, axis=0, out=total[first:last])
+        if limit is not None:
+            count[first:last] = kept
+    return total, count
 
 
 def _channel_runs(channels: int, step: int) -> list[tuple[int, int]]:
