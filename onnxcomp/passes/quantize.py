@@ -267,11 +267,8 @@ class WeightQuantizePass(CompressionPass):
 
         def quantize_one(weight: Weight, stats: _InputStats | None) -> None:
             nonlocal before, after
-            # masks: -inf has no code (gptq/awq left such weights out already). Linear codes
-            # see inf/NaN in their scales' extremes as they go; binary/ternary look first.
-            if options.method == "rtn" and options.scheme != "linear" and not _finite(weight):
-                skipped.append(Skipped(weight.name, NONFINITE))
-                return
+            # masks: -inf has no code (gptq/awq left such weights out already; the coders
+            # see inf/NaN in the extremes or sums they take anyway, and raise NonFiniteWeight)
             layout = self._layout(weight)
             fmt, why = self._format(weight, layout)
             if fmt == "matmulnbits" and not layout.block_size and "Gather" not in weight.op_types:
@@ -698,7 +695,9 @@ class WeightQuantizePass(CompressionPass):
                 gain = err / base if base > 0 else 1.0
         elif options.scheme == "binary":
             codes, alpha, _ = quant.by_groups(
-                lambda part: (*quant.binarize(part, axis=axis, block_size=block), None),
+                lambda part: (
+                    *quant.binarize(part, axis=axis, block_size=block, finite=True), None
+                ),
                 array, axis=axis, block_size=block,
             )  # fmt: skip
             scale = alpha.astype(array.dtype)
@@ -706,7 +705,10 @@ class WeightQuantizePass(CompressionPass):
             rule = options.ternary_rule
             codes, alpha, _ = quant.by_groups(
                 lambda part: (
-                    *quant.ternarize(part, axis=axis, block_size=block, rule=rule), None
+                    *quant.ternarize(
+                        part, axis=axis, block_size=block, rule=rule, finite=True
+                    ),
+                    None,
                 ),
                 array, axis=axis, block_size=block,
             )  # fmt: skip

@@ -42,6 +42,7 @@ import numpy as np
 from onnxcomp.quant import linear
 from onnxcomp.quant.linear import (
     FLOAT32_EXACT,
+    NonFiniteWeight,
     broadcast_index,
     expand,
     param_shape,
@@ -57,11 +58,15 @@ TWN_FACTOR = 0.7
 
 
 def binarize(
-    w: np.ndarray, *, axis: int | None, block_size: int = 0
+    w: np.ndarray, *, axis: int | None, block_size: int = 0, finite: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Codes in {-1, +1} (zero maps to +1) and ``alpha = mean |w|`` per group."""
+    """Codes in {-1, +1} (zero maps to +1) and ``alpha = mean |w|`` per group. ``finite``:
+    raise :class:`~onnxcomp.quant.linear.NonFiniteWeight` for a ``w`` holding inf or NaN
+    (float64 sums of its magnitudes are not finite exactly then) instead of coding it."""
     w = np.asarray(w)
     summed = _group_sums(w, axis, block_size) if _fast(w) else None
+    if finite and summed is not None and not np.isfinite(summed[0]).all():
+        raise NonFiniteWeight("the weight holds inf or NaN")
     if summed is None or np.isnan(summed[0]).any():  # NaN: nanmean leaves it out
         alpha = reduce_groups(w, axis, block_size, lambda g, axis: np.nanmean(np.abs(g), axis))
     else:
@@ -73,9 +78,17 @@ def binarize(
 
 
 def ternarize(
-    w: np.ndarray, *, axis: int | None, block_size: int = 0, rule: TernaryRule = "optimal"
+    w: np.ndarray,
+    *,
+    axis: int | None,
+    block_size: int = 0,
+    rule: TernaryRule = "optimal",
+    finite: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Codes in {-1, 0, +1} and the least-squares ``alpha`` for them, per group."""
+    """Codes in {-1, 0, +1} and the least-squares ``alpha`` for them, per group. ``finite``:
+    raise :class:`~onnxcomp.quant.linear.NonFiniteWeight` for a ``w`` holding inf or NaN,
+    seen in sums the coding takes anyway (the optimal rule looks at ``w`` itself only when
+    some group's sum is unknown, which inf and NaN make it)."""
     if rule not in ("optimal", "twn"):
         raise ValueError(f"unknown ternary rule '{rule}' (optimal, twn)")
     w = np.asarray(w)
@@ -83,6 +96,8 @@ def ternarize(
         return _ternarize_plain(w, axis, block_size, rule)
     if rule == "twn":
         total, count = _group_sums(w, axis, block_size)
+        if finite and not np.isfinite(total).all():
+            raise NonFiniteWeight("the weight holds inf or NaN")
         if np.isnan(total).any():
             return _ternarize_plain(w, axis, block_size, rule)
         delta = TWN_FACTOR * (total / count)
@@ -95,6 +110,8 @@ def ternarize(
         codes = _ternary_codes(w, delta, axis, block_size)
         unknown = np.isnan(total)
         if unknown.any():  # sums that may round, NaN or inf (see _sorted_rows, _binned_rows)
+            if finite and not np.isfinite(w).all():
+                raise NonFiniteWeight("the weight holds inf or NaN")
             redone = _group_sums(w, axis, block_size, delta)
             total[unknown], count[unknown] = redone[0][unknown], redone[1][unknown]
     with np.errstate(invalid="ignore", divide="ignore"):  # all-zero group: nothing kept

@@ -613,6 +613,8 @@ def test_ternary_keeps_batchnorms_for_distillation_to_fine_tune():
         (np.nan, {"bits": 8, "symmetric": False}),
         (np.nan, {"bits": 2, "scheme": "binary"}),
         (-np.inf, {"bits": 2, "scheme": "ternary"}),
+        (np.nan, {"bits": 2, "scheme": "ternary", "block_size": 16}),
+        (np.inf, {"bits": 2, "scheme": "ternary", "ternary_rule": "twn"}),
     ],
 )
 def test_a_weight_holding_inf_or_nan_stays_float_and_is_said_so(value, options) -> None:

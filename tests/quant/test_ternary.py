@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -72,3 +73,27 @@ def test_all_zero_channel_gets_zero_codes_and_zero_scale():
     for rule in ("optimal", "twn"):
         codes, alpha = quant.ternarize(w, axis=0, rule=rule)
         assert not np.any(codes[5]) and alpha[5] == 0 and np.all(np.isfinite(alpha))
+
+
+@pytest.mark.parametrize(("axis", "block_size"), [(None, 0), (1, 0), (0, 0), (0, 16), (1, 4)])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_coders_refuse_inf_and_nan_when_asked(axis, block_size, value, dtype):
+    # Wide enough for the binned threshold search (channels of >= 1024) along axis 1.
+    w = np.random.default_rng(4).standard_normal((1030, 24)).astype(dtype)
+    bad = w.copy()
+    bad[1027, 21] = value  # in a partial last block along either axis
+    coders = [
+        lambda x, finite: quant.binarize(x, axis=axis, block_size=block_size, finite=finite),
+        *(
+            lambda x, finite, rule=rule: quant.ternarize(
+                x, axis=axis, block_size=block_size, rule=rule, finite=finite
+            )
+            for rule in ("optimal", "twn")
+        ),
+    ]
+    for coder in coders:
+        for a, b in zip(coder(w, False), coder(w, True), strict=True):  # finite: the same
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(quant.NonFiniteWeight):
+            coder(bad, True)
