@@ -78,11 +78,15 @@ def _keep_flat(flat: np.ndarray, count: int) -> np.ndarray:
     return keep
 
 
-def prune_smallest(array: np.ndarray, count: int) -> tuple[np.ndarray | None, int]:
+def prune_smallest(
+    array: np.ndarray, count: int, out: np.ndarray | None = None
+) -> tuple[np.ndarray | None, int]:
     """``array`` (float32) with its ``count`` smallest ``|w|`` set to +0, exactly as
     ``np.where(magnitude_mask(np.abs(array), s), array, 0)`` for ``count = prune_count(size,
     s)`` (the same ties pruned, NaN last), and the zero count of that result. The array is
     None when no new zero would be made (the result equals ``array`` up to the sign of zeros).
+    ``out`` (float32, ``array``'s shape, not overlapping it) is the memory the result is
+    written to, else new memory; what it held is overwritten (also when the result is None).
 
     No mask, sort or copy of ``|w|``: one pass writes the result with every ``|w|`` below a
     sampled window (:func:`sample_window`) zeroed and gathers the window's keys, where the
@@ -93,17 +97,22 @@ def prune_smallest(array: np.ndarray, count: int) -> tuple[np.ndarray | None, in
     bytes at half sparsity)."""
     if array.dtype != np.float32:
         raise TypeError(f"prune_smallest takes float32, not {array.dtype}")
+    if out is None:
+        out = np.empty(array.shape, np.float32)
+    elif out.dtype != np.float32 or out.shape != array.shape or not out.flags.c_contiguous:
+        raise ValueError("prune_smallest: out must be C-contiguous float32 of the array's shape")
     flat = np.ascontiguousarray(array).reshape(-1)
     size = flat.size
     if count <= 0 or count >= size:
         zeros = size - int(np.count_nonzero(flat))
         if count <= 0 or zeros == size:
             return None, zeros
-        return np.zeros(array.shape, np.float32), size
+        out.fill(0)
+        return out, size
     bits = flat.view(np.uint32)
     if size > SAMPLE:
         window = sample_window(bits, count)
-        done = _prune_in_window(array.shape, bits, count, *window) if window else None
+        done = _prune_in_window(out, bits, count, *window) if window else None
         if done is not None:
             return done
         threshold, below, ties = counted_threshold(bits, count)
@@ -117,8 +126,7 @@ def prune_smallest(array: np.ndarray, count: int) -> tuple[np.ndarray | None, in
         keep_above, is_tie = _MAGNITUDE, functools.partial(_above, limit=_INF)
     else:
         keep_above, is_tie = threshold, functools.partial(_equal, value=threshold)
-    result = np.empty(array.shape, np.float32)
-    out = result.reshape(-1).view(np.uint32)
+    result, out = out, out.reshape(-1).view(np.uint32)
     split = ties > count - below  # the later ties stay: they are copied back after
     equal = split and threshold != NAN_KEY  # where they are is counted in the same pass
     step = chunks.SLICE
@@ -188,9 +196,10 @@ def sample_window(bits: np.ndarray, count: int) -> tuple[int, int, float] | None
 
 
 def _prune_in_window(
-    shape: tuple[int, ...], bits: np.ndarray, count: int, low: int, high: int, share: float
+    result: np.ndarray, bits: np.ndarray, count: int, low: int, high: int, share: float
 ) -> tuple[np.ndarray | None, int] | None:
-    """:func:`prune_smallest`'s result in one read of ``bits`` when the ``count``-th smallest
+    """:func:`prune_smallest`'s result, written to ``result``, in one read of ``bits`` when the
+    ``count``-th smallest
     key lies in ``[low, high)`` (where the sample put ``share`` of its elements), else None.
 
     The read writes every ``|w| >= low`` (the rest is below the threshold: zeros) and gathers
@@ -199,7 +208,6 @@ def _prune_in_window(
     when the window gathers far more than the sample promised (many ties: the counted select
     is then cheaper than gathering them)."""
     size = bits.size
-    result = np.empty(shape, np.float32)
     out = result.reshape(-1).view(np.uint32)
     limit = 4.0 * share  # of the elements gathered; past it, ties are many
     step = chunks.SLICE

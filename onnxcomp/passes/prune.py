@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import weakref
 import zlib
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -155,8 +157,9 @@ class MagnitudePrunePass(CompressionPass):
         if o.importance != "magnitude":
             stats["importance"] = o.importance
         if o.scope == "layer" and o.importance == "magnitude":
-            prune = functools.partial(_magnitude_pruned, sparsity=o.sparsity)
-            return _write_pruned(model, weights, prune, notes, stats)
+            memory = _ResultMemory()
+            prune = functools.partial(_magnitude_pruned, sparsity=o.sparsity, memory=memory)
+            return _write_pruned(model, weights, prune, notes, stats, memory)
         scores = (_score(w, f) for w, f in zip(weights, factors, strict=True))
         keep: Iterable[np.ndarray]
         if o.scope == "global":
@@ -296,9 +299,11 @@ def _write_pruned(
     prune: Callable[[Weight], tuple[np.ndarray | None, int, _ZipSample | None]],
     notes: list[str],
     stats: dict,
+    memory: _ResultMemory | None = None,
 ) -> CompressionResult:
     """Give each weight the new tensor ``prune(weight)`` makes (see :func:`_pruned`), one
-    weight at a time, and report what changed.
+    weight at a time, and report what changed; the tensors of results made in ``memory``
+    are lent it (:meth:`_ResultMemory.lend`).
 
     The deflate sizes are measured on background threads (zlib frees the GIL) from copies of
     the sampled bytes, while the next tensors are pruned and written; at most
@@ -328,7 +333,11 @@ def _write_pruned(
                 _add_sizes(zip_sizes, pending.popleft())
             dense_bytes += pruned.nbytes
             # A new tensor, never a write into the old one: loaded tensors are read-only views.
-            set_weight(weight.value, ir.tensor(pruned))
+            tensor = ir.tensor(pruned)
+            if memory is not None:
+                memory.lend(pruned, tensor)
+            set_weight(weight.value, tensor)
+            del tensor
             rewritten += 1
             del pruned  # before the next weight is pruned
         while pending:
@@ -411,15 +420,57 @@ def _pruned(weight: Weight, mask: np.ndarray) -> tuple[np.ndarray | None, int, _
 
 
 def _magnitude_pruned(
-    weight: Weight, sparsity: float
+    weight: Weight, sparsity: float, memory: _ResultMemory
 ) -> tuple[np.ndarray | None, int, _ZipSample | None]:
     """:func:`_pruned` with the weight's :func:`~onnxcomp.masks.magnitude_mask` of ``|w|``,
-    made without the mask for float32 (:func:`~onnxcomp.masks.prune_smallest`, same result)."""
+    made without the mask for float32 (:func:`~onnxcomp.masks.prune_smallest`, same result),
+    in ``memory``."""
     array = weight.array
     if array.dtype != np.float32:
         return _pruned(weight, masks.magnitude_mask(_score(weight, None), sparsity))
-    pruned, new_zeros = masks.prune_smallest(array, masks.prune_count(array.size, sparsity))
+    count = masks.prune_count(array.size, sparsity)
+    pruned, new_zeros = masks.prune_smallest(array, count, out=memory.take(array.shape))
     return pruned, new_zeros, (_ZipSample.of(array) if pruned is not None else None)
+
+
+class _ResultMemory:
+    """Memory for pruned float32 weights, reused once no tensor holds what was made in it.
+
+    A streamed model's new weight is written to its scratch data behind the pass and then
+    let go: its memory serves the weight after next, where fresh pages would cost a fault and
+    a zeroing each on their first write (a third of the time :func:`masks.prune_smallest`
+    takes on a memory-mapped weight). A weak reference to the tensor made of a result says
+    when it is gone; a result a model keeps in memory keeps its memory. Free memory too small
+    for a weight is let go before new memory is made: at most the weight being written and the
+    one being made are held, as without reuse."""
+
+    def __init__(self) -> None:
+        # [flat float32 memory, weak reference to the tensor made in it or None (free)]
+        self._blocks: list[tuple[np.ndarray, list[weakref.ref | None]]] = []
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Float32 memory of ``shape`` (contents undefined), free until :meth:`lend`."""
+        size = math.prod(shape)
+        held = [block for block in self._blocks if not _is_free(block)]
+        fits = [block for block in self._blocks if _is_free(block) and block[0].size >= size]
+        chosen = min(fits, key=lambda block: block[0].size) if fits else None
+        self._blocks = held  # free memory other than the one chosen goes
+        if chosen is None:
+            chosen = (np.empty(size, np.float32), [None])
+        chosen[1][0] = None
+        self._blocks.append(chosen)
+        return chosen[0][:size].reshape(shape)
+
+    def lend(self, array: np.ndarray, tensor: ir.TensorProtocol) -> None:
+        """Mark the memory ``array`` was taken from as held until ``tensor`` is gone."""
+        for memory, user in self._blocks:
+            if array.base is memory or array is memory:
+                user[0] = weakref.ref(tensor)
+
+
+def _is_free(block: tuple[np.ndarray, list[weakref.ref | None]]) -> bool:
+    user = block[1][0]
+    return user is None or user() is None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -148,6 +148,12 @@ def test_prune_smallest_equals_the_reference_bit_for_bit(name, small_pieces, mon
                     select,
                     count,
                 )
+            # Into memory a result was made in before (NaN bits, as garbage): overwritten.
+            out = np.full(array.shape, np.nan, np.float32)
+            got, zeros = prune_smallest(array, count, out=out)
+            assert zeros == want_zeros and (got is None) == (want is None)
+            if want is not None:
+                assert got is out and got.tobytes() == want.tobytes(), (select, count)
 
 
 @pytest.mark.parametrize("name", ["normal", "ties", "nonfinite", "zeros", "adjacent_floats"])
@@ -245,3 +251,5 @@ def test_counted_threshold_of_nan_counts_every_number_below_it():
 def test_prune_smallest_takes_float32_only():
     with pytest.raises(TypeError):
         prune_smallest(np.ones(4, np.float64), 2)
+    with pytest.raises(ValueError):
+        prune_smallest(np.ones(4, np.float32), 2, out=np.empty(5, np.float32))
