@@ -440,9 +440,9 @@ class _ResultMemory:
     let go: its memory serves the weight after next, where fresh pages would cost a fault and
     a zeroing each on their first write (a third of the time :func:`masks.prune_smallest`
     takes on a memory-mapped weight). A weak reference to the tensor made of a result says
-    when it is gone; a result a model keeps in memory keeps its memory. Free memory too small
-    for a weight is let go before new memory is made: at most the weight being written and the
-    one being made are held, as without reuse."""
+    when it is gone; a result a model keeps in memory keeps its memory. At most two blocks are
+    kept, the one being made and the latest being written, as without reuse; free memory too
+    small for a weight is let go before new memory is made."""
 
     def __init__(self) -> None:
         # [flat float32 memory, weak reference to the tensor made in it or None (free)]
@@ -452,13 +452,15 @@ class _ResultMemory:
         """Float32 memory of ``shape`` (contents undefined), free until :meth:`lend`."""
         size = math.prod(shape)
         held = [block for block in self._blocks if not _is_free(block)]
-        fits = [block for block in self._blocks if _is_free(block) and block[0].size >= size]
+        fits = [block for block in self._blocks  # not much bigger: a tensor holds all of it
+                if _is_free(block) and size <= block[0].size <= 2 * size]  # fmt: skip
         chosen = min(fits, key=lambda block: block[0].size) if fits else None
-        self._blocks = held  # free memory other than the one chosen goes
         if chosen is None:
             chosen = (np.empty(size, np.float32), [None])
         chosen[1][0] = None
-        self._blocks.append(chosen)
+        # Free memory other than the one chosen goes; of the held, only the latest (being
+        # written) is kept for later: an older one is let go with its tensor, as without reuse.
+        self._blocks = [*held[-1:], chosen]
         return chosen[0][:size].reshape(shape)
 
     def lend(self, array: np.ndarray, tensor: ir.TensorProtocol) -> None:

@@ -465,3 +465,11 @@ def test_result_memory_is_reused_only_once_its_tensor_is_gone():
     memory.lend(third, kept)
     fourth = memory.take((100,))  # too big for any free memory: new memory
     assert fourth.shape == (100,) and not np.shares_memory(fourth, third)
+    held = [ir.tensor(fourth)]
+    memory.lend(fourth, held[0])
+    for _ in range(3):  # results a model keeps: each new, and only the latest two are kept
+        array = memory.take((100,))
+        assert not any(np.shares_memory(array, t.numpy()) for t in held)
+        held.append(ir.tensor(array))
+        memory.lend(array, held[-1])
+        assert len(memory._blocks) <= 2
