@@ -23,7 +23,8 @@ Tensors are scored, masked and rewritten one at a time (the source released as s
 read, see :mod:`onnxcomp.passes._weights`), so a big model is pruned in the memory of a few
 tensors; ``scope=global`` ranks all scores together and holds them all. The default (``|w|``
 per layer) on float32 makes neither score nor mask: :func:`onnxcomp.masks.prune_smallest`
-writes the same result in threaded passes over the weight's bits. The deflate size of a tensor
+writes the same result in one threaded pass over the weight's bits, when the model streams
+into the memory of a result already written to the scratch data. The deflate size of a tensor
 past :data:`ZIP_SAMPLE_BYTES` is estimated from evenly spaced chunks of it, deflated on
 background threads while the next tensors are pruned.
 """
