@@ -142,8 +142,8 @@ def prune_smallest(
 # count-th smallest |w| is a NaN (all NaNs are one value for the ranking, as for np.partition).
 NAN_KEY = _INF + 1
 SAMPLE = 1 << 16  # elements sampled to bracket the threshold
-# The one-read pass goes 4 pieces at a time: its 10 numpy calls a piece cost less per element
-# (about 20% less time than one piece at a time on Zen 4, whose L3 holds the 1 MB buffers).
+# The one-read pass goes 4 pieces at a time: its ten numpy calls a piece then cost ~20% less
+# per element than one piece at a time (Zen 4: the 1 MB buffers stay in L2/L3).
 _WINDOW_PIECES = 4
 
 
@@ -199,8 +199,8 @@ def _prune_in_window(
     result: np.ndarray, bits: np.ndarray, count: int, low: int, high: int, share: float
 ) -> tuple[np.ndarray | None, int] | None:
     """:func:`prune_smallest`'s result, written to ``result``, in one read of ``bits`` when the
-    ``count``-th smallest
-    key lies in ``[low, high)`` (where the sample put ``share`` of its elements), else None.
+    ``count``-th smallest key lies in ``[low, high)`` (where the sample put ``share`` of its
+    elements), else None.
 
     The read writes every ``|w| >= low`` (the rest is below the threshold: zeros) and gathers
     the keys in the window and where they are; the threshold is selected among those, and the
@@ -269,7 +269,7 @@ def _keep_from(
         if gathered > most:
             return None
         found.append(np.invert(d[at]).view(np.uint32))  # -1 - d = |w| - low
-        where.append((at + (begin - start)).astype(np.uint32))
+        where.append((at + (begin - start)).astype(np.uint32))  # slices are < 2**32 long
         np.right_shift(d, 31, out=d)
         kept -= int(np.add.reduce(d, dtype=np.int32))  # d is -1 where kept, else 0
         np.bitwise_and(d, source[begin:end], out=target[begin:end])
