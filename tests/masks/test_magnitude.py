@@ -185,10 +185,14 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def _windows(array: np.ndarray, count: int) -> list[tuple[int, int, float]]:
+def _sorted_keys(array: np.ndarray) -> np.ndarray:
+    """The ranking keys of ``|w|``, sorted: the bits with the sign cleared, every NaN one key."""
+    return np.sort(np.minimum(array.view(np.uint32) & 0x7FFFFFFF, magnitude.NAN_KEY), axis=None)
+
+
+def _windows(keys: np.ndarray, count: int) -> list[tuple[int, int, float]]:
     """Windows ``(low, high, share)`` of keys around, at, beside and far from the count-th
-    smallest key (the sorted keys read plainly): what a sample may give, right or wrong."""
-    keys = np.sort(np.minimum(array.view(np.uint32) & 0x7FFFFFFF, magnitude.NAN_KEY), axis=None)
+    smallest of the sorted ``keys``: what a sample may give, right or wrong."""
     key = int(keys[count - 1])
     top = magnitude.NAN_KEY
     windows = [
@@ -215,9 +219,10 @@ def test_one_read_pruning_equals_the_reference_for_any_window(
     # the result is the reference's; a window holding it is used without the counted select.
     monkeypatch.setattr(magnitude, "SAMPLE", 0)  # tiny tensors take the one-read path too
     array = CASES[name]
+    keys = _sorted_keys(array)
     for count in _counts(array.size)[1:-1]:
         want, want_zeros = _reference_pruned(array, count)
-        for window in _windows(array, count):
+        for window in _windows(keys, count):
             monkeypatch.setattr(magnitude, "sample_window", lambda bits, count, w=window: w)
             counted.clear()
             got, zeros = prune_smallest(array, count)
@@ -227,8 +232,7 @@ def test_one_read_pruning_equals_the_reference_for_any_window(
                 assert got.shape == array.shape and got.dtype == np.float32
                 assert got.tobytes() == want.tobytes(), (count, window)
             low, high, share = window
-            key = int(np.sort(np.minimum(array.view(np.uint32) & 0x7FFFFFFF,
-                                         magnitude.NAN_KEY), axis=None)[count - 1])  # fmt: skip
+            key = int(keys[count - 1])
             if low <= key < high and share == 1.0 and key != magnitude.NAN_KEY:
                 assert not counted, (count, window)
 

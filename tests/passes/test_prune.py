@@ -419,7 +419,7 @@ def test_streamed_pruning_reuses_written_results_memory_and_writes_every_weight_
     write_at = io._write_at
 
     def slow_write(*args):
-        time.sleep(0.05)
+        time.sleep(0.02)
         write_at(*args)
 
     monkeypatch.setattr(io, "_write_at", slow_write)
