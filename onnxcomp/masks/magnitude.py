@@ -224,14 +224,19 @@ def _prune_in_window(
     key, below_inside, ties = _selected(np.concatenate(offsets), count - below)
     if low + key == 0:
         return None, ties  # only zeros go: they are the zeros there were
-    ties_to_zero = count - below - below_inside
+
+    def zero_below(index: int) -> None:
+        _, where, found = parts[index]  # type: ignore[misc]
+        out[index * step + where[found < key].astype(np.int64)] = 0
+
+    chunks.parallel_map(zero_below, range(len(parts)))  # scattered writes: both cores
+    ties_to_zero = count - below - below_inside  # the first ties in flat order
     for index, (_, where, found) in enumerate(parts):  # type: ignore[misc]
-        start = index * step
-        out[start + where[found < key].astype(np.int64)] = 0
-        if ties_to_zero > 0:
-            ties = where[found == key]
-            out[start + ties[:ties_to_zero].astype(np.int64)] = 0
-            ties_to_zero -= ties.size
+        if ties_to_zero <= 0:
+            break
+        ties = where[found == key][:ties_to_zero]
+        out[index * step + ties.astype(np.int64)] = 0
+        ties_to_zero -= ties.size
     return result, count
 
 
