@@ -72,7 +72,7 @@ ZIP_LEVEL = 6  # zip's and gzip's default deflate level
 ZIP_SAMPLE_BYTES = 1 << 19
 _ZIP_CHUNKS = 8
 _ZIP_THREADS = 2  # deflating beside the pruning (zlib runs at ~30 MB/s)
-_ZIP_PENDING = 8  # tensors whose samples (up to 2 x 512 KB each) may wait to be deflated
+_ZIP_PENDING = 4  # tensors whose samples (up to 2 x 512 KB each) may wait to be deflated
 
 
 @dataclasses.dataclass(frozen=True)
