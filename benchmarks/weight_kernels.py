@@ -98,12 +98,15 @@ def main() -> None:
 def _pairs(w: np.ndarray, sparsity: float) -> list[tuple[str, Callable, Callable]]:
     """(function, before, after) for weight ``w``."""
     count, tensor = masks.prune_count(w.size, sparsity), ir.tensor(w)
+    reused = np.empty_like(w)  # what a streamed model's pruning writes to after its first weights
     return [
         ("prune: mask + where", lambda: old_prune(w, sparsity)[0],
          lambda: masks.prune_smallest(w, count)[0]),
+        ("prune: into new / reused memory", lambda: masks.prune_smallest(w, count)[0],
+         lambda: masks.prune_smallest(w, count, out=reused)[0]),
         ("prune: deflate stat", lambda: old_deflated(w),
          lambda: prune._ZipSample.of(w).deflated()),
-        ("fp16: cast + flushed", lambda: old_to_half(w), lambda: fp16._to_half(tensor)),
+        ("fp16: cast + flushed", lambda: old_to_half(w), lambda: fp16._to_half(tensor)[:2]),
         ("fp16: range check", lambda: old_max_abs(w), lambda: fp16._max_abs(w)),
     ]  # fmt: skip
 

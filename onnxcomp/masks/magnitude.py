@@ -4,9 +4,11 @@ Ties are broken by position: among equal scores, the element with the lower flat
 index is pruned first; across tensors (global masks) earlier tensors come first. The threshold
 is found with ``np.partition`` (linear time); only elements equal to it are ever ordered.
 
-:func:`prune_smallest` applies such a mask to a float32 weight without making the mask: it
-finds the threshold by counting (a radix select on the bits of ``|w|``) and writes the pruned
-copy in the same kind of pass, on threads, in cache-sized pieces (:mod:`onnxcomp.chunks`).
+:func:`prune_smallest` applies such a mask to a float32 weight without making the mask: a
+sample brackets the threshold, and one pass over the weight writes the pruned copy while it
+gathers the few ``|w|`` in the bracket, among which the threshold is then selected (a radix
+select on the bits of ``|w|`` when the bracket misses); on threads, in cache-sized pieces
+(:mod:`onnxcomp.chunks`).
 """
 
 from __future__ import annotations
@@ -76,26 +78,47 @@ def _keep_flat(flat: np.ndarray, count: int) -> np.ndarray:
     return keep
 
 
-def prune_smallest(array: np.ndarray, count: int) -> tuple[np.ndarray | None, int]:
+def prune_smallest(
+    array: np.ndarray, count: int, out: np.ndarray | None = None
+) -> tuple[np.ndarray | None, int]:
     """``array`` (float32) with its ``count`` smallest ``|w|`` set to +0, exactly as
     ``np.where(magnitude_mask(np.abs(array), s), array, 0)`` for ``count = prune_count(size,
     s)`` (the same ties pruned, NaN last), and the zero count of that result. The array is
     None when no new zero would be made (the result equals ``array`` up to the sign of zeros).
+    ``out`` (float32, ``array``'s shape, not overlapping it) is the memory the result is
+    written to, else new memory; what it held is overwritten (also when the result is None).
 
-    No mask, sort or copy of ``|w|``: the count-th smallest ``|w|`` is selected on the bits of
-    ``|w|`` (:func:`sampled_threshold`, else :func:`counted_threshold`), then one pass writes
-    the result; memory is the result and a few pieces per thread."""
+    No mask, sort or copy of ``|w|``: one pass writes the result with every ``|w|`` below a
+    sampled window (:func:`sample_window`) zeroed and gathers the window's keys, where the
+    count-th smallest is selected; the few below it are then zeroed (:func:`_prune_in_window`).
+    When the window misses, the value is selected on the bits of ``|w|``
+    (:func:`counted_threshold`) and a second pass writes the result. Memory is the result,
+    a few pieces per thread and the window's keys and positions (about 3% of the weight's
+    bytes at half sparsity)."""
     if array.dtype != np.float32:
         raise TypeError(f"prune_smallest takes float32, not {array.dtype}")
+    if out is None:
+        out = np.empty(array.shape, np.float32)
+    elif out.dtype != np.float32 or out.shape != array.shape or not out.flags.c_contiguous:
+        raise ValueError("prune_smallest: out must be C-contiguous float32 of the array's shape")
     flat = np.ascontiguousarray(array).reshape(-1)
     size = flat.size
     if count <= 0 or count >= size:
         zeros = size - int(np.count_nonzero(flat))
         if count <= 0 or zeros == size:
             return None, zeros
-        return np.zeros(array.shape, np.float32), size
+        out.fill(0)
+        return out, size
     bits = flat.view(np.uint32)
-    threshold, below, ties = sampled_threshold(bits, count) or counted_threshold(bits, count)
+    if size > SAMPLE:
+        window = sample_window(bits, count)
+        done = _prune_in_window(out, bits, count, *window) if window else None
+        if done is not None:
+            return done
+        threshold, below, ties = counted_threshold(bits, count)
+    else:  # small: the value is selected from all of it
+        keys = np.minimum(bits & np.uint32(_MAGNITUDE), np.uint32(NAN_KEY))
+        threshold, below, ties = _selected(keys, count)
     if threshold == 0:
         return None, ties  # only zeros go: they are the zeros there were
     is_tie: Callable[[np.ndarray], np.ndarray]
@@ -103,8 +126,7 @@ def prune_smallest(array: np.ndarray, count: int) -> tuple[np.ndarray | None, in
         keep_above, is_tie = _MAGNITUDE, functools.partial(_above, limit=_INF)
     else:
         keep_above, is_tie = threshold, functools.partial(_equal, value=threshold)
-    result = np.empty(array.shape, np.float32)
-    out = result.reshape(-1).view(np.uint32)
+    result, out = out, out.reshape(-1).view(np.uint32)
     split = ties > count - below  # the later ties stay: they are copied back after
     equal = split and threshold != NAN_KEY  # where they are is counted in the same pass
     step = chunks.SLICE
@@ -116,10 +138,13 @@ def prune_smallest(array: np.ndarray, count: int) -> tuple[np.ndarray | None, in
     return result, count
 
 
-# The threshold key :func:`counted_threshold` and :func:`sampled_threshold` give when the
+# The threshold key :func:`counted_threshold` and :func:`_selected` give when the
 # count-th smallest |w| is a NaN (all NaNs are one value for the ranking, as for np.partition).
 NAN_KEY = _INF + 1
 SAMPLE = 1 << 16  # elements sampled to bracket the threshold
+# The one-read pass goes 4 pieces at a time: its ten numpy calls a piece then cost ~20% less
+# per element than one piece at a time (Zen 4: the 1 MB buffers stay in L2/L3).
+_WINDOW_PIECES = 4
 
 
 def counted_threshold(bits: np.ndarray, count: int) -> tuple[int, int, int]:
@@ -145,18 +170,16 @@ def counted_threshold(bits: np.ndarray, count: int) -> tuple[int, int, int]:
     return low + index, below, int(fine[index])
 
 
-def sampled_threshold(bits: np.ndarray, count: int) -> tuple[int, int, int] | None:
-    """:func:`counted_threshold` in one read when a sample brackets the threshold, else None.
+def sample_window(bits: np.ndarray, count: int) -> tuple[int, int, float] | None:
+    """``(low, high, share)``: a window of ``|w|`` keys (bits of float32 ``bits`` with the sign
+    cleared) likely to hold the ``count``-th smallest, ``low <= key < high``, from a sample.
 
     :data:`SAMPLE` elements (evenly spread, jittered so that no row or column pattern lines up
-    with the stride) give a window of ``|w|`` that holds the count-th smallest with a margin
-    of 4 standard deviations of the sample quantile; one read counts the ``|w|`` below the
-    window and gathers those in it (about 1.6% of them), where a partition finds the value.
-    None when the window missed it, gathered too much (many ties) or reaches the NaNs. A
-    tensor no bigger than the sample is its own: the value is selected from all of it."""
+    with the stride) give the window with a margin of 4 standard deviations of the sample
+    quantile; ``share`` is the sample's share in it (about 1.6% at half sparsity). The window
+    stops below the NaNs (None when the sample puts it among them): a NaN threshold (all NaNs
+    rank as one value, last) is left to the counted select."""
     size = bits.size
-    if size <= SAMPLE:
-        return _selected(np.minimum(bits & np.uint32(_MAGNITUDE), np.uint32(NAN_KEY)), count)
     step = size // SAMPLE
     jitter = np.random.default_rng(0).integers(0, step, size=SAMPLE)
     picks = np.arange(SAMPLE, dtype=np.int64) * step + jitter
@@ -166,20 +189,55 @@ def sampled_threshold(bits: np.ndarray, count: int) -> tuple[int, int, int] | No
     ends = [end for end in (first, last) if 0 <= end < SAMPLE]
     sample = np.partition(bits[picks] & np.uint32(_MAGNITUDE), ends) if ends else None
     low = int(sample[first]) if sample is not None and first >= 0 else 0
-    high = int(sample[last]) + 1 if sample is not None and last < SAMPLE else _MAGNITUDE + 1
-    if high > NAN_KEY:
+    high = int(sample[last]) + 1 if sample is not None and last < SAMPLE else NAN_KEY
+    if low >= NAN_KEY:
         return None
-    # Expected in the window: (last - first) / SAMPLE of the elements; allow 4x.
-    limit = 4.0 * (min(last, SAMPLE) - max(first, 0) + 1) / SAMPLE
-    gathered = chunks.map_slices(functools.partial(_window, bits, low, high - low, limit), size)
-    if any(part is None for part in gathered):
+    return low, min(high, NAN_KEY), (min(last, SAMPLE) - max(first, 0) + 1) / SAMPLE
+
+
+def _prune_in_window(
+    result: np.ndarray, bits: np.ndarray, count: int, low: int, high: int, share: float
+) -> tuple[np.ndarray | None, int] | None:
+    """:func:`prune_smallest`'s result, written to ``result``, in one read of ``bits`` when the
+    ``count``-th smallest key lies in ``[low, high)`` (where the sample put ``share`` of its
+    elements), else None.
+
+    The read writes every ``|w| >= low`` (the rest is below the threshold: zeros) and gathers
+    the keys in the window and where they are; the threshold is selected among those, and the
+    window's keys below it, then its first ties in flat order, are zeroed in place. None also
+    when the window gathers far more than the sample promised (many ties: the counted select
+    is then cheaper than gathering them)."""
+    size = bits.size
+    out = result.reshape(-1).view(np.uint32)
+    limit = 4.0 * share  # of the elements gathered; past it, ties are many
+    step = chunks.SLICE
+    parts = chunks.map_slices(
+        functools.partial(_keep_from, bits, out, low, high - low, limit), size, step
+    )
+    if any(part is None for part in parts):
         return None
-    below = sum(part[0] for part in gathered)  # type: ignore[index]
-    inside = np.concatenate([part[1] for part in gathered])  # type: ignore[index]
-    if not below < count <= below + inside.size:
+    below = sum(part[0] for part in parts)  # type: ignore[index]
+    offsets = [part[2] for part in parts]  # type: ignore[index]
+    inside = sum(found.size for found in offsets)
+    if not below < count <= below + inside:
         return None
-    offset, below_inside, ties = _selected(inside, count - below)
-    return low + offset, below + below_inside, ties
+    key, below_inside, ties = _selected(np.concatenate(offsets), count - below)
+    if low + key == 0:
+        return None, ties  # only zeros go: they are the zeros there were
+
+    def zero_below(index: int) -> None:
+        _, where, found = parts[index]  # type: ignore[misc]
+        out[index * step + where[found < key].astype(np.int64)] = 0
+
+    chunks.parallel_map(zero_below, range(len(parts)))  # scattered writes: both cores
+    ties_to_zero = count - below - below_inside  # the first ties in flat order
+    for index, (_, where, found) in enumerate(parts):  # type: ignore[misc]
+        if ties_to_zero <= 0:
+            break
+        ties = where[found == key][:ties_to_zero]
+        out[index * step + ties.astype(np.int64)] = 0
+        ties_to_zero -= ties.size
+    return result, count
 
 
 def _selected(keys: np.ndarray, count: int) -> tuple[int, int, int]:
@@ -188,27 +246,44 @@ def _selected(keys: np.ndarray, count: int) -> tuple[int, int, int]:
     return key, int(np.count_nonzero(keys < key)), int(np.count_nonzero(keys == key))
 
 
-def _window(
-    bits: np.ndarray, low: int, width: int, limit: float, start: int, stop: int
-) -> tuple[int, np.ndarray] | None:
-    """How many ``|w|`` of ``bits[start:stop]`` are below ``low``, and ``|w| - low`` of those
-    in ``[low, low + width)``; None past ``limit`` times the slice's size of those."""
-    below, inside, gathered = 0, [], 0
-    most = limit * (stop - start) + chunks.PIECE
-    wrapped = np.uint32((1 << 32) - low) if low else None  # |w| - low of |w| < low wraps
-    buffer = np.empty(chunks.PIECE, np.uint32)
-    for begin, end in chunks.pieces(start, stop):
-        offset = buffer[: end - begin]
-        np.bitwise_and(bits[begin:end], _MAGNITUDE, out=offset)
-        if wrapped is not None:
-            offset -= np.uint32(low)
-            below += int(np.count_nonzero(offset >= wrapped))
-        found = offset[offset < width]
-        gathered += found.size
+def _keep_from(
+    bits: np.ndarray, out: np.ndarray, low: int, width: int, limit: float, start: int, stop: int
+) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """``out = bits where |w| >= low, else 0`` over ``[start, stop)``, and: how many ``|w| <
+    low``, where (from ``start``) and ``|w| - low`` of those in ``[low, low + width)``, or None
+    past ``limit`` times the slice's size of those.
+
+    In integer arithmetic: ``d = (low - 1) - |w|`` is negative exactly where ``|w| >= low``
+    (``d >> 31`` is then all ones) and, as unsigned, at least ``2**32 - width`` exactly in the
+    window (both ranges of int32: ``0 <= |w| < 2**31``)."""
+    source, target = bits.view(np.int32), out.view(np.int32)
+    piece = _WINDOW_PIECES * chunks.PIECE
+    buffer = np.empty(piece, np.int32)
+    flags = np.empty(piece, np.bool_)
+    edge = np.uint32((1 << 32) - width)
+    most = limit * (stop - start) + piece
+    kept = gathered = 0
+    where, found = [], []
+    for begin, end in chunks.pieces(start, stop, piece):
+        d, inside = buffer[: end - begin], flags[: end - begin]
+        np.bitwise_and(source[begin:end], _MAGNITUDE, out=d)
+        np.subtract(np.int32(low - 1), d, out=d)
+        np.greater_equal(d.view(np.uint32), edge, out=inside)
+        at = np.flatnonzero(inside)
+        gathered += at.size
         if gathered > most:
             return None
-        inside.append(found)
-    return below, np.concatenate(inside) if inside else np.empty(0, np.uint32)
+        found.append(np.invert(d[at]).view(np.uint32))  # -1 - d = |w| - low
+        where.append((at + (begin - start)).astype(np.uint32))  # slices are < 2**32 long
+        np.right_shift(d, 31, out=d)
+        kept -= int(np.add.reduce(d, dtype=np.int32))  # d is -1 where kept, else 0
+        np.bitwise_and(d, source[begin:end], out=target[begin:end])
+    empty = np.empty(0, np.uint32)
+    return (
+        stop - start - kept,
+        np.concatenate(where) if where else empty,
+        np.concatenate(found) if found else empty,
+    )
 
 
 def _coarse_histogram(bits: np.ndarray, start: int, stop: int) -> np.ndarray:

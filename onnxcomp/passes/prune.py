@@ -23,7 +23,8 @@ Tensors are scored, masked and rewritten one at a time (the source released as s
 read, see :mod:`onnxcomp.passes._weights`), so a big model is pruned in the memory of a few
 tensors; ``scope=global`` ranks all scores together and holds them all. The default (``|w|``
 per layer) on float32 makes neither score nor mask: :func:`onnxcomp.masks.prune_smallest`
-writes the same result in threaded passes over the weight's bits. The deflate size of a tensor
+writes the same result in one threaded pass over the weight's bits, when the model streams
+into the memory of a result already written to the scratch data. The deflate size of a tensor
 past :data:`ZIP_SAMPLE_BYTES` is estimated from evenly spaced chunks of it, deflated on
 background threads while the next tensors are pruned.
 """
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import weakref
 import zlib
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -69,7 +72,7 @@ ZIP_LEVEL = 6  # zip's and gzip's default deflate level
 ZIP_SAMPLE_BYTES = 1 << 19
 _ZIP_CHUNKS = 8
 _ZIP_THREADS = 2  # deflating beside the pruning (zlib runs at ~30 MB/s)
-_ZIP_PENDING = 8  # tensors whose samples (up to 2 x 512 KB each) may wait to be deflated
+_ZIP_PENDING = 4  # tensors whose samples (up to 2 x 512 KB each) may wait to be deflated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,8 +158,9 @@ class MagnitudePrunePass(CompressionPass):
         if o.importance != "magnitude":
             stats["importance"] = o.importance
         if o.scope == "layer" and o.importance == "magnitude":
-            prune = functools.partial(_magnitude_pruned, sparsity=o.sparsity)
-            return _write_pruned(model, weights, prune, notes, stats)
+            memory = _ResultMemory()
+            prune = functools.partial(_magnitude_pruned, sparsity=o.sparsity, memory=memory)
+            return _write_pruned(model, weights, prune, notes, stats, memory)
         scores = (_score(w, f) for w, f in zip(weights, factors, strict=True))
         keep: Iterable[np.ndarray]
         if o.scope == "global":
@@ -296,9 +300,11 @@ def _write_pruned(
     prune: Callable[[Weight], tuple[np.ndarray | None, int, _ZipSample | None]],
     notes: list[str],
     stats: dict,
+    memory: _ResultMemory | None = None,
 ) -> CompressionResult:
     """Give each weight the new tensor ``prune(weight)`` makes (see :func:`_pruned`), one
-    weight at a time, and report what changed.
+    weight at a time, and report what changed; the tensors of results made in ``memory``
+    are lent it (:meth:`_ResultMemory.lend`).
 
     The deflate sizes are measured on background threads (zlib frees the GIL) from copies of
     the sampled bytes, while the next tensors are pruned and written; at most
@@ -328,7 +334,11 @@ def _write_pruned(
                 _add_sizes(zip_sizes, pending.popleft())
             dense_bytes += pruned.nbytes
             # A new tensor, never a write into the old one: loaded tensors are read-only views.
-            set_weight(weight.value, ir.tensor(pruned))
+            tensor = ir.tensor(pruned)
+            if memory is not None:
+                memory.lend(pruned, tensor)
+            set_weight(weight.value, tensor)
+            del tensor
             rewritten += 1
             del pruned  # before the next weight is pruned
         while pending:
@@ -411,15 +421,59 @@ def _pruned(weight: Weight, mask: np.ndarray) -> tuple[np.ndarray | None, int, _
 
 
 def _magnitude_pruned(
-    weight: Weight, sparsity: float
+    weight: Weight, sparsity: float, memory: _ResultMemory
 ) -> tuple[np.ndarray | None, int, _ZipSample | None]:
     """:func:`_pruned` with the weight's :func:`~onnxcomp.masks.magnitude_mask` of ``|w|``,
-    made without the mask for float32 (:func:`~onnxcomp.masks.prune_smallest`, same result)."""
+    made without the mask for float32 (:func:`~onnxcomp.masks.prune_smallest`, same result),
+    in ``memory``."""
     array = weight.array
     if array.dtype != np.float32:
         return _pruned(weight, masks.magnitude_mask(_score(weight, None), sparsity))
-    pruned, new_zeros = masks.prune_smallest(array, masks.prune_count(array.size, sparsity))
+    count = masks.prune_count(array.size, sparsity)
+    pruned, new_zeros = masks.prune_smallest(array, count, out=memory.take(array.shape))
     return pruned, new_zeros, (_ZipSample.of(array) if pruned is not None else None)
+
+
+class _ResultMemory:
+    """Memory for pruned float32 weights, reused once no tensor holds what was made in it.
+
+    A streamed model's new weight is written to its scratch data behind the pass and then
+    let go: its memory serves the weight after next, where fresh pages would cost a fault and
+    a zeroing each on their first write (a third of the time :func:`masks.prune_smallest`
+    takes on a memory-mapped weight). A weak reference to the tensor made of a result says
+    when it is gone; a result a model keeps in memory keeps its memory. At most two blocks are
+    kept, the one being made and the latest being written, as without reuse; free memory too
+    small for a weight is let go before new memory is made."""
+
+    def __init__(self) -> None:
+        # [flat float32 memory, weak reference to the tensor made in it or None (free)]
+        self._blocks: list[tuple[np.ndarray, list[weakref.ref | None]]] = []
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Float32 memory of ``shape`` (contents undefined), free until :meth:`lend`."""
+        size = math.prod(shape)
+        held = [block for block in self._blocks if not _is_free(block)]
+        fits = [block for block in self._blocks  # not much bigger: a tensor holds all of it
+                if _is_free(block) and size <= block[0].size <= 2 * size]  # fmt: skip
+        chosen = min(fits, key=lambda block: block[0].size) if fits else None
+        if chosen is None:
+            chosen = (np.empty(size, np.float32), [None])
+        chosen[1][0] = None
+        # Free memory other than the one chosen goes; of the held, only the latest (being
+        # written) is kept for later: an older one is let go with its tensor, as without reuse.
+        self._blocks = [*held[-1:], chosen]
+        return chosen[0][:size].reshape(shape)
+
+    def lend(self, array: np.ndarray, tensor: ir.TensorProtocol) -> None:
+        """Mark the memory ``array`` was taken from as held until ``tensor`` is gone."""
+        for memory, user in self._blocks:
+            if array.base is memory or array is memory:
+                user[0] = weakref.ref(tensor)
+
+
+def _is_free(block: tuple[np.ndarray, list[weakref.ref | None]]) -> bool:
+    user = block[1][0]
+    return user is None or user() is None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,7 +136,7 @@ def test_prune_smallest_equals_the_reference_bit_for_bit(name, small_pieces, mon
         if select == "whole":  # selected from all of it, as tensors up to SAMPLE elements are
             monkeypatch.setattr(magnitude, "SAMPLE", 1 << 20)
         if select == "counted":
-            monkeypatch.setattr(magnitude, "sampled_threshold", lambda bits, count: None)
+            monkeypatch.setattr(magnitude, "sample_window", lambda bits, count: None)
         for count in _counts(array.size):
             want, want_zeros = _reference_pruned(array, count)
             got, zeros = prune_smallest(array, count)
@@ -148,6 +148,12 @@ def test_prune_smallest_equals_the_reference_bit_for_bit(name, small_pieces, mon
                     select,
                     count,
                 )
+            # Into memory a result was made in before (NaN bits, as garbage): overwritten.
+            out = np.full(array.shape, np.nan, np.float32)
+            got, zeros = prune_smallest(array, count, out=out)
+            assert zeros == want_zeros and (got is None) == (want is None)
+            if want is not None:
+                assert got is out and got.tobytes() == want.tobytes(), (select, count)
 
 
 @pytest.mark.parametrize("name", ["normal", "ties", "nonfinite", "zeros", "adjacent_floats"])
@@ -165,17 +171,79 @@ def test_reference_is_what_magnitude_mask_prunes(name):
             assert pruned.view(np.uint32).tobytes() == expected.view(np.uint32).tobytes()
 
 
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The counts :func:`magnitude.counted_threshold` is called with (it still runs)."""
+    calls: list[int] = []
+    real = magnitude.counted_threshold
+
+    def spy(bits: np.ndarray, count: int) -> tuple[int, int, int]:
+        calls.append(count)
+        return real(bits, count)
+
+    monkeypatch.setattr(magnitude, "counted_threshold", spy)
+    return calls
+
+
+def _sorted_keys(array: np.ndarray) -> np.ndarray:
+    """The ranking keys of ``|w|``, sorted: the bits with the sign cleared, every NaN one key."""
+    return np.sort(np.minimum(array.view(np.uint32) & 0x7FFFFFFF, magnitude.NAN_KEY), axis=None)
+
+
+def _windows(keys: np.ndarray, count: int) -> list[tuple[int, int, float]]:
+    """Windows ``(low, high, share)`` of keys around, at, beside and far from the count-th
+    smallest of the sorted ``keys``: what a sample may give, right or wrong."""
+    key = int(keys[count - 1])
+    top = magnitude.NAN_KEY
+    windows = [
+        (0, top, 1.0),  # everything below the NaNs
+        (key, key + 1, 1.0),  # the threshold alone: every tie gathered
+        (max(key - 3, 0), min(key + 4, top), 0.5),
+        (
+            int(keys[max(count - 40, 0)]),
+            min(int(keys[min(count + 40, keys.size - 1)]) + 1, top),
+            0.1,
+        ),
+        (key + 1, top, 1.0),  # misses: the threshold is below it
+        (0, key, 1.0) if key else (1, 2, 1.0),  # misses: above it
+        (0, top, 1e-9),  # gathers far past what its share promised
+    ]
+    return [(low, high, share) for low, high, share in windows if 0 <= low < high <= top]
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_sampled_threshold_is_the_counted_one_or_gives_up(name, small_pieces):
-    bits = CASES[name].reshape(-1).view(np.uint32)
-    found = 0
-    for count in _counts(bits.size)[1:-1]:
-        counted = magnitude.counted_threshold(bits, count)
-        sampled = magnitude.sampled_threshold(bits, count)
-        assert sampled is None or sampled == counted, count
-        found += sampled is not None
-    if name in ("normal", "conv", "subnormal", "tiled"):
-        assert found  # the one-read path is the one smooth weights take
+def test_one_read_pruning_equals_the_reference_for_any_window(
+    name, small_pieces, counted, monkeypatch
+):
+    # Whatever window the sample gives (holding the threshold, missing it, full of ties),
+    # the result is the reference's; a window holding it is used without the counted select.
+    monkeypatch.setattr(magnitude, "SAMPLE", 0)  # tiny tensors take the one-read path too
+    array = CASES[name]
+    keys = _sorted_keys(array)
+    for count in _counts(array.size)[1:-1]:
+        want, want_zeros = _reference_pruned(array, count)
+        for window in _windows(keys, count):
+            monkeypatch.setattr(magnitude, "sample_window", lambda bits, count, w=window: w)
+            counted.clear()
+            got, zeros = prune_smallest(array, count)
+            assert zeros == want_zeros, (count, window)
+            assert (got is None) == (want is None), (count, window)
+            if want is not None:
+                assert got.shape == array.shape and got.dtype == np.float32
+                assert got.tobytes() == want.tobytes(), (count, window)
+            low, high, share = window
+            key = int(keys[count - 1])
+            if low <= key < high and share == 1.0 and key != magnitude.NAN_KEY:
+                assert not counted, (count, window)
+
+
+@pytest.mark.parametrize("name", ["normal", "conv", "subnormal", "tiled", "zeros"])
+def test_smooth_weights_take_the_one_read_path(name, small_pieces, counted):
+    # The sample's window holds the threshold: the counted select (two more reads) is not run.
+    counts = _counts(CASES[name].size)[1:-1]
+    for count in counts:
+        prune_smallest(CASES[name], count)
+    assert not counted, counted
 
 
 def test_counted_threshold_of_nan_counts_every_number_below_it():
@@ -187,3 +255,5 @@ def test_counted_threshold_of_nan_counts_every_number_below_it():
 def test_prune_smallest_takes_float32_only():
     with pytest.raises(TypeError):
         prune_smallest(np.ones(4, np.float64), 2)
+    with pytest.raises(ValueError):
+        prune_smallest(np.ones(4, np.float32), 2, out=np.empty(5, np.float32))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import zlib
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcomp
+from onnxcomp import io
 from onnxcomp.cli import main
 from onnxcomp.data import Dataset
 from onnxcomp.errors import UsageError
@@ -23,8 +25,9 @@ from onnxcomp.passes import (
     NMPruneOptions,
     NMPrunePass,
 )
+from onnxcomp.passes import _weights as weights_module
 from onnxcomp.passes import prune as prune_module
-from tests.conftest import MODELS, conv_bn_residual_model, run_onnx
+from tests.conftest import LOSS_ALLOWED, MODELS, conv_bn_residual_model, run_onnx
 
 EVERY_LAYER = {"skip_first": False, "skip_last": False}
 
@@ -385,3 +388,88 @@ def test_layer_pruning_writes_the_masked_weights_and_the_same_stats(dtype, monke
         assert rewritten == result.stats["tensors"] == (1 if sparsity == 0.1 else 2)
         assert result.stats["zip_bytes_before"] == zips_before
         assert result.stats["zip_bytes_after"] == zips_after
+
+
+def _chain(shapes: list[tuple[int, int]], seed: int = 5) -> tuple[onnx.ModelProto, dict]:
+    """x -> MatMul(w0) -> Relu -> MatMul(w1) -> ... for weights of ``shapes`` (chained dims)."""
+    rng = np.random.default_rng(seed)
+    weights = {f"w{i}": rng.standard_normal(shape).astype(np.float32) for i, shape in
+               enumerate(shapes)}  # fmt: skip
+    nodes, name = [], "x"
+    for i in range(len(shapes)):
+        nodes.append(helper.make_node("MatMul", [name, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+        nodes.append(helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"))
+        name = f"r{i}"
+    graph = helper.make_graph(
+        nodes, "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", shapes[0][0]])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", shapes[-1][1]])],
+        [numpy_helper.from_array(w, k) for k, w in weights.items()],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), weights
+
+
+def test_streamed_pruning_reuses_written_results_memory_and_writes_every_weight_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # A streamed model's results go to scratch data behind the pass; their memory is reused
+    # for later weights. Writes made slow: memory reused before its write ended would put a
+    # later weight's bytes in the file.
+    monkeypatch.setattr(weights_module, "SCRATCH_MIN_BYTES", 1024)
+    write_at = io._write_at
+
+    def slow_write(*args):
+        time.sleep(0.02)
+        write_at(*args)
+
+    monkeypatch.setattr(io, "_write_at", slow_write)
+    taken = []
+    take = prune_module._ResultMemory.take
+
+    def spy(self, shape):
+        taken.append(take(self, shape))
+        return taken[-1]
+
+    monkeypatch.setattr(prune_module._ResultMemory, "take", spy)
+    shapes = [(64, 256), (256, 64), (64, 256), (256, 32), (32, 64), (64, 256), (256, 8)]
+    model, weights = _chain(shapes)
+    onnx.save(model, tmp_path / "in.onnx")
+    for sparsity in (0.5, 0.8):
+        out = tmp_path / f"out{sparsity}.onnx"
+        taken.clear()
+        onnxcomp.optimize(
+            tmp_path / "in.onnx", f"prune:sparsity={sparsity}:skip_first=false:skip_last=false",
+            output=out, check="none", stream_above=0, bound=LOSS_ALLOWED,
+        )  # fmt: skip
+        written = _weights(onnx.load(out))
+        for name, w in weights.items():
+            want = np.where(magnitude_mask(np.abs(w), sparsity), w, np.float32(0))
+            assert written[name].tobytes() == want.tobytes(), (sparsity, name)
+        memories = {id(array.base) for array in taken}
+        assert len(taken) == len(shapes) and len(memories) <= 3, len(memories)
+
+
+def test_result_memory_is_reused_only_once_its_tensor_is_gone():
+    memory = prune_module._ResultMemory()
+    first = memory.take((8, 16))
+    tensor = ir.tensor(first)
+    memory.lend(first, tensor)
+    second = memory.take((4, 16))  # the first is held: new memory
+    assert not np.shares_memory(first, second)
+    memory.lend(second, ir.tensor(second))  # a tensor gone at once: free
+    del tensor
+    third = memory.take((4, 8))  # both free: the smaller that fits, the other let go
+    assert np.shares_memory(third, second) and third.shape == (4, 8)
+    assert len(memory._blocks) == 1
+    kept = ir.tensor(third)
+    memory.lend(third, kept)
+    fourth = memory.take((100,))  # too big for any free memory: new memory
+    assert fourth.shape == (100,) and not np.shares_memory(fourth, third)
+    held = [ir.tensor(fourth)]
+    memory.lend(fourth, held[0])
+    for _ in range(3):  # results a model keeps: each new, and only the latest two are kept
+        array = memory.take((100,))
+        assert not any(np.shares_memory(array, t.numpy()) for t in held)
+        held.append(ir.tensor(array))
+        memory.lend(array, held[-1])
+        assert len(memory._blocks) <= 2
