@@ -64,8 +64,9 @@ def session_factory(
     spin: bool = True,
 ) -> Callable[[], ort.InferenceSession]:
     """:func:`make_session` in two steps: everything that reads ``model`` now, on the caller's
-    thread (onnx_ir objects are not thread-safe), and the returned function, which only calls
-    ONNX Runtime and may run on another thread while the model changes. ``spin=False``: idle
+    thread (onnx_ir objects are not thread-safe), and the returned function (called once),
+    which only calls ONNX Runtime and may run on another thread while the model changes.
+    ``spin=False``: idle
     worker threads sleep instead of spinning (a session that runs beside other work)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
