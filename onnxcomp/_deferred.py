@@ -42,7 +42,7 @@ def _load(stand_in: _StandIn) -> types.ModuleType:
     with _LOCK:
         real = sys.modules.get(name)
         if real is None or real is stand_in:
-            del sys.modules[name]
+            sys.modules.pop(name, None)
             try:
                 real = importlib.import_module(name)
             except BaseException:
