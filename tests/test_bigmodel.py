@@ -30,7 +30,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxcomp
-from onnxcomp import instrument, io
+from onnxcomp import instrument, io, pipeline
 from onnxcomp.cli import main
 from onnxcomp.errors import OnnxcompError, PassFailedError, UsageError
 from onnxcomp.io import SCRATCH_KEY, SCRATCH_PREFIX, ScratchData
@@ -204,20 +204,33 @@ def test_sampled_reference_runs_beside_the_first_pass(
     for a, b in zip(foreground[0], background[0], strict=True):
         np.testing.assert_array_equal(a, b)
     # In the pipeline, the input's layers are built and run on the sample's thread (the pass
-    # meanwhile on this one), the result's here after the pass.
+    # meanwhile on this one), the result's here after the pass. Held back until the pass is
+    # done, they still read the input's weights, which the pass has released by then.
     built: list[str] = []
     make = instrument.runtime.session_factory
+    pass_done = threading.Event()
+    run_one = pipeline._run_one
+
+    def run_and_tell(*args, **kwargs):
+        try:
+            return run_one(*args, **kwargs)
+        finally:
+            pass_done.set()
 
     def recording(*args, **kwargs):
         factory = make(*args, **kwargs)
 
         def build():
-            built.append(threading.current_thread().name)
+            name = threading.current_thread().name
+            if name.startswith("onnxcomp-sample"):
+                assert pass_done.wait(60)
+            built.append(name)
             return factory()
 
         return build
 
     monkeypatch.setattr(instrument.runtime, "session_factory", recording)
+    monkeypatch.setattr(pipeline, "_run_one", run_and_tell)
     _, report = onnxcomp.optimize(big_path, "int8", bound=LOSS_ALLOWED, stream_above=STREAM_ABOVE)
     layers = len(report.final_check)
     assert layers >= 3
