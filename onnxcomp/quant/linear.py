@@ -297,8 +297,9 @@ def linear_params(
     w = np.asarray(w)
     floating = w.dtype.kind == "f" or w.dtype in FLOAT32_EXACT
     extremes = group_extremes(w, axis, block_size) if floating else None
-    nonfinite = extremes is None or not all(np.isfinite(e).all() for e in extremes)
-    if finite and floating and nonfinite:
+    if finite and floating and (
+        extremes is None or not all(np.isfinite(e).all() for e in extremes)
+    ):
         raise NonFiniteWeight("the weight holds inf or NaN")
     if symmetric:
         if extremes is None:

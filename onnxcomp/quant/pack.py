@@ -33,9 +33,13 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
     mask = word(2**bits - 1)
 
     def pack_slice(start: int, stop: int) -> tuple[int, int]:
-        """Pack words [start, stop); the smallest and largest of their codes."""
-        span = flat[start * per_byte : stop * per_byte]
+        """Pack words [start, stop); the smallest and largest of their codes (taken from
+        each piece while it is in cache)."""
+        smallest, largest = low, high
         for begin, end in chunks.pieces(start, stop, PIECE_WORDS):
+            piece = flat[begin * per_byte : end * per_byte]
+            smallest = min(smallest, int(piece.min()))
+            largest = max(largest, int(piece.max()))
             part = words[begin:end]
             folded = part & mask
             for i in range(1, per_byte):
@@ -43,7 +47,7 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
                 shifted &= word((2**bits - 1) << (bits * i))
                 folded |= shifted
             packed[begin:end] = folded  # the low byte
-        return (int(span.min()), int(span.max())) if span.size else (low, high)
+        return smallest, largest
 
     extremes = chunks.map_slices(pack_slice, words.size)
     rest = flat[whole:]
