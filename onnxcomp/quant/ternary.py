@@ -27,6 +27,7 @@ the threshold: where that float64 sum is exact (multiples of the smallest one's 
 2^53 of them), every order of addition gives it, nanmean's included, so :func:`ternarize`
 skips the second pass over the weight for those groups (all of them on real weights; sums
 that may round and groups with NaN or inf are added again). tests/quant/test_ternary_sums.py.
+TWN's sums come from the coding pass (:func:`_ternary_codes`), exact by the same argument.
 """
 
 from __future__ import annotations
@@ -101,19 +102,18 @@ def ternarize(
         if np.isnan(total).any():
             return _ternarize_plain(w, axis, block_size, rule)
         delta = TWN_FACTOR * (total / count)
-        codes = _ternary_codes(w, delta, axis, block_size)
-        total, count = _group_sums(w, axis, block_size, delta)
+        codes, total, count = _ternary_codes(w, delta, axis, block_size, sums=True)
     else:
         delta, total, count = _optimal_thresholds(w, axis, block_size)
         shape = param_shape(w.shape, axis, block_size)
         total, count = total.reshape(shape), count.reshape(shape)
         codes = _ternary_codes(w, delta, axis, block_size)
-        unknown = np.isnan(total)
-        if unknown.any():  # sums that may round, NaN or inf (see _sorted_rows, _binned_rows)
-            if finite and not np.isfinite(w).all():
-                raise NonFiniteWeight("the weight holds inf or NaN")
-            redone = _group_sums(w, axis, block_size, delta)
-            total[unknown], count[unknown] = redone[0][unknown], redone[1][unknown]
+    unknown = np.isnan(total)
+    if unknown.any():  # sums that may round, NaN or inf (see _sorted_rows, _ternary_codes)
+        if finite and not np.isfinite(w).all():
+            raise NonFiniteWeight("the weight holds inf or NaN")
+        redone = _group_sums(w, axis, block_size, delta)
+        total[unknown], count[unknown] = redone[0][unknown], redone[1][unknown]
     with np.errstate(invalid="ignore", divide="ignore"):  # all-zero group: nothing kept
         alpha = total / count
     return codes, np.nan_to_num(alpha, nan=0.0)
@@ -216,6 +216,7 @@ COUNTED = 2.0**38  # what each magnitude adds to its bin besides its mantissa (s
 ROUNDING = 2.0**-53  # float64's unit roundoff
 EXACT_UNITS = 2.0**53  # float64 sums of multiples of u below this many u are exact
 FINITE_BITS = 0x7F800001  # above every finite float32's bit pattern
+LEAST = 2.0**-149  # the smallest float32 above 0
 
 
 def _binned_rows(rows: np.ndarray, largest: float) -> Found:
@@ -686,28 +687,82 @@ def _drop(
 
 
 def _ternary_codes(
-    w: np.ndarray, delta: np.ndarray, axis: int | None, block_size: int
-) -> np.ndarray:
+    w: np.ndarray, delta: np.ndarray, axis: int | None, block_size: int, *, sums: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``sign(w) * (|w| > delta)`` as int8, compared in ``w``'s precision: for float32 values
-    ``x > delta`` holds exactly when ``x > delta'`` for ``delta`` rounded down to float32."""
+    ``x > delta`` holds exactly when ``x > delta'`` for ``delta`` rounded down to float32.
+
+    ``sums``: also, in ``delta``'s shape, the float64 sum of the coded ``|w|`` and how many,
+    taken from each piece while it is in cache (a second pass over ``w`` costs as much as the
+    coding). They are added in another order than ``np.nanmean``'s, the same sum where it is
+    exact: float32 values above ``delta`` are multiples of ``ulp(lo)``, ``lo`` the smallest
+    float32 above it, so their float64 sums below ``2^53 ulp(lo)`` are exact in any order.
+    TWN's (``delta = 0.7 * mean |w|``) always are for finite groups of fewer than ~3e8
+    elements (the kept sum is below ``n delta / 0.7``). Sums that may round, those of float64
+    weights and of groups with inf (``inf * 0`` is NaN) are NaN: :func:`ternarize` adds those
+    again with :func:`_group_sums`."""
     delta = np.asarray(delta, dtype=np.float64)
+    fused = sums and w.dtype in FLOAT32_EXACT
     if w.dtype in FLOAT32_EXACT:
-        low = delta.astype(np.float32)
+        low = np.asarray(delta.astype(np.float32))
         above = low > delta
-        low[above] = np.nextafter(low[above], np.float32(-np.inf))
+        if delta.size and delta.min() >= 0:  # one bit pattern down: nextafter toward 0
+            np.subtract(low.view(np.int32), above, out=low.view(np.int32))
+        else:
+            low[above] = np.nextafter(low[above], np.float32(-np.inf))
         delta = low
     codes = np.empty(w.shape, dtype=np.int8)
-    for (part, d), (out, _) in zip(
+    total = np.zeros(delta.shape) if fused else np.full(delta.shape, np.nan)
+    count = np.zeros(delta.shape)
+    for (part, d), (out, _), (_, summed), (_, counted) in zip(
         linear._views(w, delta, axis, block_size),
         linear._views(codes, None, axis, block_size),
+        linear._views(w, total, axis, block_size),
+        linear._views(w, count, axis, block_size),
         strict=True,
     ):
+        if part.ndim > 1 and part.shape[-1] == 1:  # channels strided across rows: rows of
+            # them against a row of thresholds, not runs of one repeated to the piece's shape
+            part, d, out, summed, counted = (a[..., 0] for a in (part, d, out, summed, counted))
+        negative = -d
         for index in pieces(part.shape):
-            threshold = d[broadcast_index(index, d.shape)]
+            groups = broadcast_index(index, d.shape)
+            threshold, below = d[groups], negative[groups]
             piece = part[index]
             if piece.ndim and piece.shape[-1] < linear.SHORT_RUN:
                 threshold = linear._dense(threshold, piece.shape)
+                below = linear._dense(below, piece.shape)
             target = out[index]
             np.greater(piece, threshold, out=target.view(np.bool_))
-            target -= np.less(piece, -threshold).view(np.int8)
-    return codes
+            target -= np.less(piece, below).view(np.int8)
+            if fused:
+                _add_coded(piece, target, summed[groups], counted[groups])
+    if not sums:
+        return codes
+    if fused:
+        # every kept x is >= lo, the smallest float32 above delta, whose ulp exceeds
+        # lo 2^-24 (2^-149 at least): exact below 2^53 ulp(lo) holds below lo 2^29. All
+        # groups at once first (one comparison), each group where that fails; NaN fails
+        rounding = 1 + 4 * (w.size // delta.size + 1) * ROUNDING  # of the sums, at most
+        units = EXACT_UNITS * 2.0**-24
+        if not total.max() * rounding < max(float(delta.min()), LEAST) * units:
+            lowest = np.maximum(delta, np.float32(LEAST)).astype(np.float64)
+            total[~(total * rounding < lowest * units)] = np.nan
+    return codes, total, count
+
+
+def _add_coded(piece: np.ndarray, codes: np.ndarray, total: np.ndarray, count: np.ndarray) -> None:
+    """Add the float64 sum of ``|piece|`` where ``codes`` is not 0 and how many, per group, to
+    ``total`` and ``count`` (views of one element per group: their length-1 axes are the ones
+    each group spans in the piece). ``piece * codes`` is that magnitude or 0, exactly."""
+    axes = tuple(k for k, size in enumerate(total.shape) if size == 1)
+    coded = _scratch("coded", piece.size, np.float32).reshape(piece.shape)
+    np.multiply(piece, codes, out=coded, dtype=np.float32)
+    total += np.add.reduce(coded, axis=axes, dtype=np.float64, keepdims=True)
+    ones = _scratch("ones", piece.size, np.uint8).reshape(piece.shape)
+    np.bitwise_and(codes.view(np.uint8), 1, out=ones)  # -1 is 0xFF
+    # the narrowest integers that hold a group's count in the piece: uint8 sums are ~7x
+    # faster than intp ones
+    each = piece.size // total.size
+    kind = np.uint8 if each < 1 << 8 else np.uint16 if each < 1 << 16 else np.intp
+    count += np.add.reduce(ones, axis=axes, dtype=kind, keepdims=True)
