@@ -329,3 +329,50 @@ def test_groups_whose_sums_may_round_are_sorted_whole(monkeypatch):
     reference = _reference_thresholds(w, 0, 0)
     np.testing.assert_array_equal(ternary._optimal_thresholds(w, 0, 0)[0], reference)
     assert sum(whole) == 8
+
+
+def _twn_groups(dtype) -> np.ndarray:
+    """Groups of 40 (rows) that TWN's one pass after the mean could get wrong: magnitudes
+    on the threshold (``0.7 * 10.0`` is ``7.0`` in float64) and either side of its float32
+    rounding, zeros, an all-equal group, a lone nonzero, denormals, float32's extremes
+    together (float16 makes them inf and zeros), Gaussian and wide-range ones."""
+    g = RNG.standard_normal((9, 40)).astype(np.float32)
+    g[0] = np.repeat(np.float32([7, 10, 13, 10]), 10)  # mean 10: delta 7, on the 7s
+    g[1, :36] = 1.0
+    for _ in range(12):  # probes one float32 step either side of delta and on its rounding
+        delta = np.float32(0.7 * np.abs(g[1].astype(np.float64)).mean())
+        g[1, 36:] = [np.nextafter(delta, 0), delta, np.nextafter(delta, 1), delta]
+    g[2] = 0.0
+    g[2, ::3] = -0.0
+    g[3] = -0.3
+    g[4] = 0.0
+    g[4, 17] = 5.0
+    g[5] = g[5] * np.float32(1e-40)
+    g[5, ::4] = 0.0
+    g[6] = np.resize(np.float32([3e38, 1e-38, -3e38, -1e-38, 1e-30]), 40)
+    g[8] *= np.exp(RNG.standard_normal(40) * 6).astype(np.float32)
+    g *= np.where(RNG.random(g.shape) < 0.5, -1, 1).astype(np.float32)
+    with np.errstate(over="ignore"):
+        return g.astype(dtype)
+
+
+@pytest.mark.parametrize("piece", [0, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_twn_on_adversarial_groups_matches_the_float64_formulation(monkeypatch, dtype, piece):
+    # alpha's sums come out of the coding pass in pieces (16 elements: groups over several
+    # pieces), in another order than nanmean's: every layout, bit for bit
+    if piece:
+        monkeypatch.setattr(linear, "PIECE_ELEMENTS", piece)
+    g = _twn_groups(dtype)
+    strided = np.ascontiguousarray(g.T)
+    cases = [(g, 0, 0), (strided, 1, 0), (g.T, 1, 0), (g, 1, 40), (g, 1, 16), (strided, 0, 16),
+             (g.reshape(9, 4, 10), 0, 0), (g.reshape(3, 3, 40), 1, 0), (g, None, 0)]  # fmt: skip
+    cases += [(row, None, 0) for row in g]
+    for w, axis, block in cases:
+        ours = quant.ternarize(w, axis=axis, block_size=block, rule="twn")
+        _same(ours, _ternary_reference(w, axis, block, "twn"))
+    if dtype == np.float32:  # the cases are what they say
+        delta = 0.7 * np.abs(g.astype(np.float64)).mean(axis=1)
+        assert delta[0] == 7.0 and (np.abs(g[0]) == 7.0).sum() == 10
+        probes = np.abs(g[1, 36:]).astype(np.float64)
+        assert probes[0] < delta[1] < probes[2] and probes[1] != delta[1]

@@ -20,6 +20,7 @@ from onnxcomp.quant import linear, ternary
 from tests.quant.test_identity import (
     LONG_KINDS,
     _long_groups,
+    _reduce,
     _same,
     _ternary_reference,
     _weights,
@@ -168,3 +169,81 @@ def test_bins_count_and_sum_exactly(length):
     np.testing.assert_array_equal(counts, expected_counts)
     np.testing.assert_array_equal(sums[:-1], expected_sums[:-1])  # all but the lumped bin
     np.testing.assert_allclose(sums[-1], expected_sums[-1], rtol=1e-12, atol=1e-300)
+
+
+@pytest.fixture
+def thresholded_sums(monkeypatch):
+    """The groups whose thresholded sums ternarize adds in a pass of their own, per call."""
+    calls = []
+    sums = ternary._group_sums
+
+    def recorded(w, axis, block_size, threshold=None, **kwargs):
+        total, count = sums(w, axis, block_size, threshold, **kwargs)
+        if threshold is not None:
+            calls.append(total.size)
+        return total, count
+
+    monkeypatch.setattr(ternary, "_group_sums", recorded)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+def test_twn_sums_come_from_the_coding_pass(thresholded_sums, dtype):
+    # finite groups on every layout (partial blocks, strided channels): no pass after coding
+    w = _weights("normal" if dtype == np.float16 else "wide", (96, 70), dtype)  # finite
+    for axis, block in ((None, 0), (0, 0), (1, 0), (1, 32), (0, 32)):
+        ours = quant.ternarize(w, axis=axis, block_size=block, rule="twn")
+        _same(ours, _ternary_reference(w, axis, block, "twn"))
+    assert thresholded_sums == []
+
+
+def test_twn_sums_that_may_round_are_added_again(monkeypatch, thresholded_sums):
+    # with 2^31 in place of 2^53 as the limit of exact sums (of multiples of the smallest
+    # kept magnitude's ulp, above delta 2^-24), sums above 64 delta are taken as rounded:
+    # the dense groups' at delta 0.5, not the sparse ones'; ternarize adds them again
+    monkeypatch.setattr(ternary, "EXACT_UNITS", 2.0**31)
+    w = RNG.standard_normal((8, 600)).astype(np.float32)
+    w[:4, 16:] = 0
+    for axis, groups in ((0, w), (1, w.T)):
+        total = ternary._ternary_codes(groups, np.full(8, 0.5), axis, 0, sums=True)[1]
+        assert np.isnan(total).tolist() == [False] * 4 + [True] * 4
+        ours = quant.ternarize(groups, axis=axis, rule="twn")
+        _same(ours, _ternary_reference(groups, axis, 0, "twn"))
+    assert thresholded_sums == [8, 8]
+
+
+@pytest.mark.parametrize(("shape", "axis"), [((255, 2), 1), ((256, 2), 1), ((2, 65535), 0),
+                                             ((2, 65536), 0), ((1, 65537), None)])  # fmt: skip
+def test_twn_counts_past_narrow_integers(shape, axis):
+    # all kept: a group's count in one piece at the limits of uint8 and uint16 sums
+    w = np.where(RNG.random(shape) < 0.5, -1.5, 1.5).astype(np.float32)
+    codes, alpha = quant.ternarize(w, axis=axis, rule="twn")
+    np.testing.assert_array_equal(codes, np.sign(w).astype(np.int8))
+    np.testing.assert_array_equal(alpha, np.full(alpha.shape, 1.5))
+
+
+def test_twn_counts_past_float32_integers():
+    # 2^24 + 3 kept (float32 cannot count them), five of them 3: alpha to the bit
+    w = np.ones((1 << 24) + 3, np.float32)
+    w[:5] = -3
+    codes, alpha = quant.ternarize(w, axis=None, rule="twn")
+    assert codes[:5].tolist() == [-1] * 5 and codes.min() == -1 and (codes[5:] == 1).all()
+    assert alpha == np.float64(w.size + 10) / w.size
+
+
+@pytest.mark.parametrize(("axis", "block"), [(None, 0), (0, 0), (1, 0), (1, 1000), (0, 16)])
+def test_coded_sums_are_nanmeans_where_exact(axis, block):
+    # any thresholds, tiny ones too: magnitudes over ~60 octaves whose float64 sums round
+    # differently in the coding pass's order; those must be NaN, the others nanmean's sums
+    w = _weights("wide", (64, 3000), np.float32)
+    groups = np.asarray(_reduce(w, axis, block, lambda g, axis: np.nanmedian(np.abs(g), axis)))
+    delta = groups * np.where(np.arange(groups.size) % 2, 1e-12, 1.0).reshape(groups.shape)
+    codes, total, count = ternary._ternary_codes(w, delta, axis, block, sums=True)
+    kept = np.where(np.abs(w) > quant.expand(delta, w.shape, axis, block), np.abs(w), np.nan)
+    np.testing.assert_array_equal(codes, np.where(np.isnan(kept), 0, np.sign(w)).astype(np.int8))
+    counted = _reduce(kept, axis, block, lambda g, axis: (g > 0).sum(axis))
+    np.testing.assert_array_equal(count, counted)
+    reference = _reduce(kept, axis, block, np.nansum)
+    known = ~np.isnan(total)
+    assert 0 < known.sum() < known.size or axis is None
+    np.testing.assert_array_equal(total[known], reference[known])
