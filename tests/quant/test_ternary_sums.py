@@ -31,13 +31,15 @@ RNG = np.random.default_rng(11)
 
 @pytest.fixture
 def second_pass(monkeypatch):
-    """The groups whose sums ternarize adds in a second pass (after the search), per call."""
+    """Each pass of ternarize's over the weight for sums (:func:`ternary._group_sums`): how
+    many groups it sums, and whether above a threshold (alpha's, added again after the search
+    or the coding) or not (TWN's mean)."""
     calls = []
     sums = ternary._group_sums
 
     def recorded(w, axis, block_size, threshold=None, **kwargs):
         total, count = sums(w, axis, block_size, threshold, **kwargs)
-        calls.append(total.size)
+        calls.append((total.size, threshold is not None))
         return total, count
 
     monkeypatch.setattr(ternary, "_group_sums", recorded)
@@ -95,7 +97,7 @@ def test_sums_that_may_round_are_added_again(monkeypatch, second_pass):
     rows = w.reshape(64, 512)  # sorted whole, not binned: the same check there
     assert _unknown(rows, 0, 0) == 32
     _same(quant.ternarize(rows, axis=0), _ternary_reference(rows, 0, 0, "optimal"))
-    assert len(second_pass) == 3
+    assert second_pass == [(16, True), (16, True), (64, True)]  # all groups, unknown taken
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
@@ -171,33 +173,17 @@ def test_bins_count_and_sum_exactly(length):
     np.testing.assert_allclose(sums[-1], expected_sums[-1], rtol=1e-12, atol=1e-300)
 
 
-@pytest.fixture
-def thresholded_sums(monkeypatch):
-    """The groups whose thresholded sums ternarize adds in a pass of their own, per call."""
-    calls = []
-    sums = ternary._group_sums
-
-    def recorded(w, axis, block_size, threshold=None, **kwargs):
-        total, count = sums(w, axis, block_size, threshold, **kwargs)
-        if threshold is not None:
-            calls.append(total.size)
-        return total, count
-
-    monkeypatch.setattr(ternary, "_group_sums", recorded)
-    return calls
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
-def test_twn_sums_come_from_the_coding_pass(thresholded_sums, dtype):
+def test_twn_sums_come_from_the_coding_pass(second_pass, dtype):
     # finite groups on every layout (partial blocks, strided channels): no pass after coding
     w = _weights("normal" if dtype == np.float16 else "wide", (96, 70), dtype)  # finite
     for axis, block in ((None, 0), (0, 0), (1, 0), (1, 32), (0, 32)):
         ours = quant.ternarize(w, axis=axis, block_size=block, rule="twn")
         _same(ours, _ternary_reference(w, axis, block, "twn"))
-    assert thresholded_sums == []
+    assert all(not thresholded for _, thresholded in second_pass)  # the means alone
 
 
-def test_twn_sums_that_may_round_are_added_again(monkeypatch, thresholded_sums):
+def test_twn_sums_that_may_round_are_added_again(monkeypatch, second_pass):
     # with 2^31 in place of 2^53 as the limit of exact sums (of multiples of the smallest
     # kept magnitude's ulp, above delta 2^-24), sums above 64 delta are taken as rounded:
     # the dense groups' at delta 0.5, not the sparse ones'; ternarize adds them again
@@ -209,7 +195,7 @@ def test_twn_sums_that_may_round_are_added_again(monkeypatch, thresholded_sums):
         assert np.isnan(total).tolist() == [False] * 4 + [True] * 4
         ours = quant.ternarize(groups, axis=axis, rule="twn")
         _same(ours, _ternary_reference(groups, axis, 0, "twn"))
-    assert thresholded_sums == [8, 8]
+    assert [call for call in second_pass if call[1]] == [(8, True), (8, True)]
 
 
 @pytest.mark.parametrize(("shape", "axis"), [((255, 2), 1), ((256, 2), 1), ((2, 65535), 0),
